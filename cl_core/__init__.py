@@ -1,0 +1,1 @@
+"""Continual-learning core: methods, metrics and the pieces they share."""

@@ -1,0 +1,228 @@
+"""A mixture of LoRA experts inside the gated FFN of a decoder block.
+
+Expert k is the FFN with LoRA on all three projections:
+
+    E_k(x) = (W2 + s·B2k·A2k) [ act((W1 + s·B1k·A1k) x) ⊙ ((W3 + s·B3k·A3k) x) ],   s = alpha / r
+
+The frozen base projections W1 (gate) and W3 (up) run once per token. The experts' low-rank
+deltas run batched, one op for all active experts. Because W2 is linear,
+
+    Σ_k g_k (W2 + s·B2k·A2k) h_k = W2 (Σ_k g_k h_k) + s Σ_k g_k B2k A2k h_k,
+
+so the base down projection also runs once, however many experts are active.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (gated MLP with gate_proj/up_proj/down_proj)"
+
+
+@dataclass(frozen=True)
+class ExpertMeta:
+    """Who an expert belongs to: `kind` is "shared" or "task"; `task` is the task index or None."""
+
+    name: str
+    kind: str
+    task: int | None = None
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward information the routers need, set by the caller around each forward.
+
+    task_ids: [B] task index of each sample, or None when the task is unknown (inference).
+    attention_mask: [B, T], for pooling over real tokens.
+    query: [B, q] frozen per-sample features, for similarity routing.
+    The layers append what methods read after the forward (pooled shared-expert features,
+    router probabilities for balancing losses).
+    """
+
+    task_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    capture_shared: bool = False
+    shared_features: list[torch.Tensor] = field(default_factory=list)
+    router_probs: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Route:
+    """Routing decision for N tokens.
+
+    Dense: every token mixes the experts in `experts` with weights `gates` [N, E].
+    Sparse (top-k): token n uses experts `topk_experts[n]` with weights `gates[n]` [N, k].
+    """
+
+    gates: torch.Tensor
+    experts: list[int] | None = None
+    topk_experts: torch.Tensor | None = None
+
+
+class LoRAExpert(nn.Module):
+    """LoRA factors for gate, up and down projections. A: kaiming-uniform(a=√5), B: zero."""
+
+    def __init__(self, hidden: int, intermediate: int, rank: int):
+        super().__init__()
+        self.A_gate = nn.Parameter(torch.empty(rank, hidden))
+        self.B_gate = nn.Parameter(torch.zeros(intermediate, rank))
+        self.A_up = nn.Parameter(torch.empty(rank, hidden))
+        self.B_up = nn.Parameter(torch.zeros(intermediate, rank))
+        self.A_down = nn.Parameter(torch.empty(rank, intermediate))
+        self.B_down = nn.Parameter(torch.zeros(hidden, rank))
+        for a in (self.A_gate, self.A_up, self.A_down):
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+def check_gated_mlp(mlp: nn.Module, where: str) -> None:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if not isinstance(getattr(mlp, proj, None), nn.Linear):
+            raise ValueError(
+                f"{where} ({type(mlp).__name__}) has no nn.Linear '{proj}': unsupported architecture; "
+                f"supported families: {SUPPORTED_FAMILIES}"
+            )
+
+
+class MixtureFFN(nn.Module):
+    """Replaces a gated MLP; holds the frozen base MLP, its experts and a router."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, router: nn.Module,
+                 context: RoutingContext):
+        super().__init__()
+        check_gated_mlp(base, "MLP")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.hidden = base.gate_proj.in_features
+        self.intermediate = base.gate_proj.out_features
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.experts = nn.ModuleList()
+        self.expert_meta: list[ExpertMeta] = []
+        self.router = router
+        # Shared with every layer of the bank; replaced as a whole by ExpertBank.routing().
+        self.context = context
+
+    # -- structure ---------------------------------------------------------------------------
+    def add_expert(self, meta: ExpertMeta, init_from: int | None = None) -> int:
+        expert = LoRAExpert(self.hidden, self.intermediate, self.rank)
+        ref = next(self.base.parameters())
+        expert.to(device=ref.device, dtype=ref.dtype)
+        if init_from is not None:
+            expert.load_state_dict(self.experts[init_from].state_dict())
+        self.experts.append(expert)
+        self.expert_meta.append(meta)
+        self.router.on_expert_added(len(self.experts) - 1, meta)
+        return len(self.experts) - 1
+
+    def experts_of(self, kind: str | None = None, task: int | None = None) -> list[int]:
+        return [i for i, m in enumerate(self.expert_meta)
+                if (kind is None or m.kind == kind) and (task is None or m.task == task)]
+
+    # -- compute -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        route = self.router(x, self.context, self)
+        gate_base = self.base.gate_proj(xf)
+        up_base = self.base.up_proj(xf)
+        xd = self.dropout(xf)
+        if route.topk_experts is None:
+            out = self._dense(xd, gate_base, up_base, route, shape)
+        else:
+            out = self._topk(xd, gate_base, up_base, route)
+        return out.reshape(shape)
+
+    def _stack(self, experts: list[int], name: str) -> torch.Tensor:
+        return torch.stack([getattr(self.experts[e], name) for e in experts])
+
+    def _expert_hidden(self, xd, gate_base, up_base, experts: list[int]) -> torch.Tensor:
+        """h_k for each listed expert, batched: [E, N, I]."""
+        s = self.scaling
+        d_gate = (xd @ self._stack(experts, "A_gate").transpose(1, 2)) @ self._stack(experts, "B_gate").transpose(1, 2)
+        d_up = (xd @ self._stack(experts, "A_up").transpose(1, 2)) @ self._stack(experts, "B_up").transpose(1, 2)
+        return self.base.act_fn(gate_base + s * d_gate) * (up_base + s * d_up)
+
+    def _down_delta(self, h: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:
+        """s · Σ_k g_k B2k A2k h_k for h [E, N, I] and gates [E, N] → [N, d]."""
+        z = (self.dropout(h) @ self._stack(experts, "A_down").transpose(1, 2)) * gates.unsqueeze(-1)
+        return self.scaling * torch.einsum("enr,edr->nd", z, self._stack(experts, "B_down"))
+
+    def _dense(self, xd, gate_base, up_base, route: Route, shape) -> torch.Tensor:
+        experts = route.experts
+        h = self._expert_hidden(xd, gate_base, up_base, experts)  # [E, N, I]
+        gates = route.gates.transpose(0, 1)  # [E, N]
+        mixed = torch.einsum("en,eni->ni", gates, h)
+        if self.context.capture_shared:
+            self._capture_shared(h, experts, shape)
+        return self.base.down_proj(mixed) + self._down_delta(h, experts, gates)
+
+    def _topk(self, xd, gate_base, up_base, route: Route) -> torch.Tensor:
+        """Top-k routing with tokens grouped by expert inside this one module.
+
+        Every expert runs (possibly on zero tokens), so every rank calls the same code on the
+        same parameters: ZeRO-3 hangs when ranks call different submodules.
+        """
+        n, k = route.topk_experts.shape
+        flat = route.topk_experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        weight = route.gates.reshape(-1)[order]
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        xs, gs, us = xd[token], gate_base[token], up_base[token]
+        mixed = torch.zeros_like(gate_base)
+        delta = torch.zeros(n, self.hidden, dtype=xd.dtype, device=xd.device)
+        start = 0
+        for e, count in enumerate(counts):
+            seg = slice(start, start + count)
+            h = self._expert_hidden(xs[seg], gs[seg], us[seg], [e])  # [1, c, I]
+            w = weight[seg].unsqueeze(0)
+            mixed.index_add_(0, token[seg], (h[0] * w[0].unsqueeze(-1)))
+            delta.index_add_(0, token[seg], self._down_delta(h, [e], w))
+            start += count
+        return self.base.down_proj(mixed) + delta
+
+    def _capture_shared(self, h: torch.Tensor, experts: list[int], shape) -> None:
+        """Attention-masked mean of the shared experts' output, per sample: [B, d].
+
+        Pooling commutes with the (linear) down projection, so pool h first and project the
+        [B, I] mean instead of running the down projection on every token again.
+        """
+        shared = [i for i, e in enumerate(experts) if self.expert_meta[e].kind == "shared"]
+        if not shared:
+            return
+        b, t = shape[0], shape[1]
+        mask = self.context.attention_mask
+        mask = torch.ones(b, t, dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
+        hs = h[shared].reshape(len(shared), b, t, -1)
+        pooled = (hs * mask[None, :, :, None]).sum(2) / mask.sum(1).clamp(min=1)[None, :, None]
+        ids = [experts[i] for i in shared]
+        out = self.base.down_proj(pooled) + self.scaling * torch.einsum(
+            "ebr,edr->ebd", pooled @ self._stack(ids, "A_down").transpose(1, 2), self._stack(ids, "B_down"))
+        self.context.shared_features.append(out.mean(0))
+
+
+def naive_mixture(layer: MixtureFFN, x: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:
+    """Reference formulation: every active expert runs its whole FFN, outputs mixed by gates [N, E].
+
+    Used by tests and the benchmark to check and time the fused path; dropout is not applied.
+    """
+    xf = x.reshape(-1, x.shape[-1])
+    s = layer.scaling
+    base = layer.base
+    out = torch.zeros_like(xf)
+    for j, e in enumerate(experts):
+        ex = layer.experts[e]
+        w_gate = base.gate_proj.weight + s * ex.B_gate @ ex.A_gate
+        w_up = base.up_proj.weight + s * ex.B_up @ ex.A_up
+        w_down = base.down_proj.weight + s * ex.B_down @ ex.A_down
+        h = base.act_fn(F.linear(xf, w_gate, base.gate_proj.bias)) * F.linear(xf, w_up, base.up_proj.bias)
+        out = out + gates[:, j : j + 1] * F.linear(h, w_down, base.down_proj.bias)
+    return out.reshape(x.shape)

@@ -1,0 +1,176 @@
+"""Continual-learning measures over an accuracy matrix, and the strip rate of a classifier.
+
+The accuracy matrix ``R`` is a float array of shape [T, T]: ``R[i, j]`` is the accuracy on
+task ``j`` after training stage ``i``. Entries above the diagonal (``j > i``) are NaN because
+a task is not evaluated before its stage; they are never read here. The unit is whatever the
+caller uses (fractions or points): every measure is a mean of differences, so it comes back
+in the same unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating]
+IntArray = npt.NDArray[np.integer]
+
+
+def _checked_matrix(R: FloatArray) -> npt.NDArray[np.float64]:
+    """Return ``R`` as float64 after checking the shape and the evaluated (lower) triangle.
+
+    Failing here names the argument, rather than surfacing later as a NaN measure.
+    """
+    matrix = np.asarray(R, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(f"R must be a non-empty square [T, T] matrix, got shape {matrix.shape}")
+    rows, cols = np.tril_indices(matrix.shape[0])
+    missing = np.isnan(matrix[rows, cols])
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise ValueError(
+            f"R has NaN on or below the diagonal, first at R[{rows[first]}, {cols[first]}]: "
+            "every task must be evaluated at its own stage and every later one"
+        )
+    return matrix
+
+
+def _checked_baseline(baseline: FloatArray, num_tasks: int) -> npt.NDArray[np.float64]:
+    """Return ``baseline`` as float64 after checking it has one finite entry per task."""
+    values = np.asarray(baseline, dtype=np.float64)
+    if values.shape != (num_tasks,):
+        raise ValueError(
+            f"baseline must have shape ({num_tasks},) to match R, got {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError("baseline must be finite: the untrained bank is evaluated on every task")
+    return values
+
+
+def average_accuracy(R: FloatArray) -> float:
+    """Mean accuracy over all tasks after the last stage (AA): the headline number of a run."""
+    matrix = _checked_matrix(R)
+    return float(matrix[-1].mean())
+
+
+def backward_transfer(R: FloatArray) -> float:
+    """BwT = 1/(T-1) * sum_{j<T-1} (R[T-1, j] - R[j, j]); 0.0 when T == 1.
+
+    Negative values mean later stages cost accuracy on earlier tasks.
+    """
+    matrix = _checked_matrix(R)
+    num_tasks = matrix.shape[0]
+    if num_tasks == 1:
+        return 0.0
+    earlier = np.arange(num_tasks - 1)
+    return float(np.mean(matrix[-1, earlier] - matrix[earlier, earlier]))
+
+
+def forward_transfer(R: FloatArray, baseline: FloatArray) -> float:
+    """FwT = 1/(T-1) * sum_{j>=1} (R[j, j] - baseline[j]); 0.0 when T == 1.
+
+    ``baseline[j]`` is the accuracy of the untrained bank on task ``j``. This differs from
+    GEM's definition, R[j-1, j] - b_j: task-expert methods have no expert for a task before
+    its stage, so R[j-1, j] is not meaningful for them. Instead we measure what the bank
+    reaches on task ``j`` after the earlier tasks (and task ``j`` itself) relative to the
+    untrained bank.
+    """
+    matrix = _checked_matrix(R)
+    num_tasks = matrix.shape[0]
+    untrained = _checked_baseline(baseline, num_tasks)
+    if num_tasks == 1:
+        return 0.0
+    later = np.arange(1, num_tasks)
+    return float(np.mean(matrix[later, later] - untrained[later]))
+
+
+def forgetting(R: FloatArray) -> float:
+    """Forgetting = 1/(T-1) * sum_{j<T-1} (max_{i in [j, T-2]} R[i, j] - R[T-1, j]).
+
+    It is 0.0 when T == 1. Unlike BwT it compares against the best accuracy a task ever had,
+    not the one right after its own stage, so a task that improved and then dropped counts
+    as forgotten.
+    """
+    matrix = _checked_matrix(R)
+    num_tasks = matrix.shape[0]
+    if num_tasks == 1:
+        return 0.0
+    # Hide the cells above the diagonal so the max over column j reads rows j..T-2 only.
+    evaluated = np.tril(np.ones_like(matrix, dtype=bool))
+    before_last = np.where(evaluated, matrix, -np.inf)[:-1, :-1]
+    best_before_last = before_last.max(axis=0)
+    return float(np.mean(best_before_last - matrix[-1, :-1]))
+
+
+@dataclass(frozen=True)
+class StripRate:
+    """Strip rate per label present in the data, and their unweighted mean."""
+
+    per_label: dict[int, float]
+    macro: float
+
+
+def _label_strip_rate(scores: FloatArray, is_label: npt.NDArray[np.bool_], target: float) -> float:
+    """Largest recall for one label over thresholds whose precision reaches ``target``."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    true_positives = np.cumsum(is_label[order])
+    # A threshold tau decides every sample with score >= tau, so tied scores enter together:
+    # evaluate only at the last position of each run of equal scores.
+    run_ends = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    decided = run_ends + 1
+    correct = true_positives[run_ends]
+    precise_enough = correct / decided >= target
+    if not precise_enough.any():
+        return 0.0
+    return float(correct[precise_enough].max() / is_label.sum())
+
+
+def strip_rate(
+    probs: FloatArray, labels: IntArray, target_precision: float = 0.9
+) -> StripRate:
+    """Share of each label's samples that can be decided automatically at a target precision.
+
+    For a label ``c`` present in ``labels``, a threshold ``tau`` decides as ``c`` every sample
+    with ``probs[:, c] >= tau``. Among the thresholds ``tau`` taken from the distinct values of
+    ``probs[:, c]``, keep those whose precision (decided samples whose true label is ``c``,
+    over all decided samples) is at least ``target_precision``. The strip rate of ``c`` is the
+    largest recall (decided and correct, over all samples with true label ``c``) among the
+    kept thresholds, or 0.0 if none is kept. ``macro`` is the mean over the labels present.
+    It says how much of the work a classifier can take off people's hands without checking.
+    """
+    scores = np.asarray(probs, dtype=np.float64)
+    truth = np.asarray(labels)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"probs must be a non-empty [n, C] array, got shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("probs must be finite")
+    if truth.ndim != 1 or truth.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"labels must have shape ({scores.shape[0]},) to match probs, got {truth.shape}"
+        )
+    if not np.issubdtype(truth.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {truth.dtype}")
+    num_classes = scores.shape[1]
+    if truth.min() < 0 or truth.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) to index the columns of probs")
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target_precision must lie in (0, 1], got {target_precision}")
+
+    per_label = {
+        int(label): _label_strip_rate(scores[:, label], truth == label, target_precision)
+        for label in np.unique(truth)
+    }
+    return StripRate(per_label=per_label, macro=float(np.mean(list(per_label.values()))))
+
+
+def cl_summary(R: FloatArray, baseline: FloatArray) -> dict[str, float]:
+    """The four standard measures of a run, keyed as they are logged and reported."""
+    return {
+        "AA": average_accuracy(R),
+        "BwT": backward_transfer(R),
+        "FwT": forward_transfer(R, baseline),
+        "forgetting": forgetting(R),
+    }

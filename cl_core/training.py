@@ -1,0 +1,89 @@
+"""One training step and one evaluation pass, shared by the tests, the benchmarks and the Ray
+Train workers (which wrap `Learner` in a DeepSpeed engine)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cl_core.metrics import strip_rate
+from cl_core.model import ContinualModel
+from cl_core.objectives import collate_prompts
+
+
+class Learner(nn.Module):
+    """The module an optimizer (or a DeepSpeed engine) trains: forward(batch) → (loss, logs)."""
+
+    def __init__(self, model: ContinualModel, objective, method):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.method = method
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        fields = self.method.routing_fields(self.model, batch, training=True)
+        with self.model.bank.routing(attention_mask=batch["attention_mask"], **fields) as ctx:
+            task_loss = self.objective.loss(self.model, batch)
+            extra = self.method.extra_losses(self.model, batch, ctx)
+        loss = task_loss + sum(extra.values())
+        logs = {"loss": float(loss.detach()), "loss/task": float(task_loss.detach())}
+        logs.update({f"loss/{k}": float(v.detach()) for k, v in extra.items()})
+        return loss, logs
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[float]:
+    """A plain single-process loop (AdamW, no weight decay); returns the loss of every step."""
+    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=lr, weight_decay=0.0)
+    learner.train()
+    losses = []
+    for batch in batches:
+        loss, _ = learner(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    learner.eval()
+    return losses
+
+
+def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: str) -> dict:
+    """Routing fields at evaluation: the true task id ('oracle') or the method's own guess ('inferred')."""
+    fields = method.routing_fields(model, batch, training=False)
+    if task_id_mode == "inferred":
+        inferred = method.infer_task_ids(model, batch)
+        if inferred is None:
+            raise ValueError(f"method {method.name} cannot route without a task id")
+        fields["task_ids"] = inferred
+    elif task_id_mode != "oracle":
+        raise ValueError(f"eval.task_id {task_id_mode!r}: expected oracle or inferred")
+    return fields
+
+
+@torch.no_grad()
+def evaluate_task(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
+                  task_id_mode: str = "oracle", target_precision: float = 0.9) -> dict:
+    """Accuracy and strip rate of the model on one task's encoded examples."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs, labels = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = to_device(collate_prompts(chunk, objective.pad_id), device)
+        fields = routing_for_eval(model, method, batch, task_id_mode)
+        probs.append(objective.predict(model, chunk, fields).cpu())
+        labels.append(batch["class_ids"].cpu())
+    p = torch.cat(probs).numpy().astype(np.float64)
+    y = torch.cat(labels).numpy()
+    strip = strip_rate(p, y, target_precision)
+    return {"accuracy": float((p.argmax(1) == y).mean()), "strip_rate": strip.macro, "n": len(y)}
