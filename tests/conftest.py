@@ -11,6 +11,7 @@ from cl_core.bank import BankConfig
 from cl_core.model import ContinualModel
 from cl_core.models import ModelSpec, load_base_model
 from cl_core.objectives import TaskFormat, encode_prompt
+from cl_core.synthetic import synthetic_rows
 
 TINY = ModelSpec(kind="tiny", hidden_size=64, num_layers=2, vocab_size=256, seed=0)
 
@@ -21,17 +22,11 @@ def tiny_model(router: str = "task", top_k: int | None = None, dropout: float = 
 
 
 def synthetic_task(tok, task: int, n: int, seed: int, labels=("w1", "w2")) -> tuple[TaskFormat, list[dict]]:
-    """Label k's texts are drawn mostly from word block k of the task: learnable, task-specific."""
-    rng = random.Random(seed)
+    """Encoded examples of a generated task (see cl_core.synthetic)."""
     fmt = TaskFormat(name=f"t{task}", verbalizers=tuple(labels), max_length=32)
-    examples = []
-    for i in range(n):
-        label = i % len(labels)
-        base = 20 + 40 * task + 10 * label
-        words = [f"w{rng.randrange(base, base + 10) if rng.random() < 0.8 else rng.randrange(20, 200)}"
-                 for _ in range(rng.randrange(4, 10))]
-        examples.append({"prompt_ids": encode_prompt(tok, fmt, " ".join(words)), "label": label, "task": task})
-    return fmt, examples
+    rows = synthetic_rows(task, list(labels), n, seed)
+    return fmt, [{"prompt_ids": encode_prompt(tok, fmt, r["text"]), "label": labels.index(r["label"]), "task": task}
+                 for r in rows]
 
 
 def batches(collate, examples: list[dict], batch_size: int, epochs: int = 1, seed: int = 0):

@@ -38,6 +38,16 @@ def grad_reverse(x: torch.Tensor) -> torch.Tensor:
     return GradReverse.apply(x)
 
 
+def discriminator_input(features: torch.Tensor) -> torch.Tensor:
+    """Features as D reads them: layer-normalised without parameters.
+
+    With cross-entropy on logits, the reversed gradient could raise L_D without bound just by
+    inflating the feature norm; normalising leaves the shared expert only the direction, i.e.
+    the task information, to play with.
+    """
+    return F.layer_norm(features, features.shape[-1:])
+
+
 def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int) -> None:
     """Shared experts at the first task, then `experts_per_task` new experts for `task`."""
     if task == 0:
@@ -92,13 +102,14 @@ class MoECL(Method):
         # Cross-entropy on logits; the reference code applies it to softmax outputs, which squashes
         # the gradient and double-normalises.
         adversarial = torch.stack([
-            F.cross_entropy(model.extras[f"disc_{l}"](grad_reverse(f)).float(), labels)
+            F.cross_entropy(model.extras[f"disc_{l}"](discriminator_input(grad_reverse(f))).float(), labels)
             for l, f in enumerate(ctx.shared_features)]).mean()
         losses = {"disc": self.adv_weight * adversarial}
         if self.feature_memory and "memory_tasks" in model.method_state:
             remembered = model.method_state["memory_tasks"]
             losses["disc_memory"] = self.adv_weight * torch.stack([
-                F.cross_entropy(model.extras[f"disc_{l}"](model.method_state[f"memory_{l}"]).float(), remembered)
+                F.cross_entropy(model.extras[f"disc_{l}"](discriminator_input(model.method_state[f"memory_{l}"])).float(),
+                                remembered)
                 for l in range(len(model.bank.layers))]).mean()
         return losses
 

@@ -1,0 +1,1 @@
+"""Performance benchmarks (run as modules, e.g. `python -m benchmarks.expert_layer`)."""

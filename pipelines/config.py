@@ -1,0 +1,273 @@
+"""The run config: one YAML file, validated before anything starts, hashed for identity.
+
+Every error names the field (`tasks[1].data.train`) and the problem, and is raised before Ray
+starts or any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cl_core.methods import METHODS
+from cl_core.models import ModelSpec, smollm2_gguf_spec
+
+
+class ConfigError(ValueError):
+    """A run config that cannot run; the message names the file, field and problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    kind: Literal["tiny", "hf", "gguf", "smollm2"] = "tiny"
+    path: str | None = None
+    gguf_file: str | None = None
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    vocab_size: int = Field(512, gt=8)
+    seed: int = 0
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.kind in ("hf", "gguf") and not self.path:
+            raise ValueError(f"model.path is required for kind '{self.kind}'")
+        return self
+
+    def spec(self) -> ModelSpec:
+        if self.kind == "smollm2":
+            return smollm2_gguf_spec()
+        return ModelSpec(kind=self.kind, path=self.path, gguf_file=self.gguf_file, hidden_size=self.hidden_size,
+                         num_layers=self.num_layers, vocab_size=self.vocab_size, seed=self.seed,
+                         trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+
+
+class SyntheticData(Strict):
+    """Generated word-block data for tiny models (see cl_core.synthetic)."""
+
+    n_train: int = Field(64, gt=0)
+    n_test: int = Field(32, gt=0)
+    seed: int = 0
+
+
+class HubData(Strict):
+    """A `datasets` dataset by name (users with internet access)."""
+
+    dataset: str
+    config: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+class TaskData(Strict):
+    train: str | None = None
+    test: str | None = None
+    hub: HubData | None = None
+    synthetic: SyntheticData | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [s for s in ("files", "hub", "synthetic")
+                   if (s == "files" and (self.train or self.test)) or (s != "files" and getattr(self, s))]
+        if len(sources) != 1:
+            raise ValueError("give exactly one data source: train+test files, hub, or synthetic")
+        if sources == ["files"] and not (self.train and self.test):
+            raise ValueError("file data needs both 'train' and 'test'")
+        return self
+
+
+class TaskConfig(Strict):
+    name: str = Field(min_length=1)
+    data: TaskData
+    text_field: str = "text"
+    label_field: str = "label"
+    # label value in the data → the words the model answers with (a list means "as they are").
+    labels: dict[str, str] | list[str]
+    template: str = "{text}\nCategory (one of: {labels}):"
+    max_train_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v):
+        if len(v) < 2:
+            raise ValueError("a task needs at least 2 labels")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v):
+        if "{text}" not in v:
+            raise ValueError("template must contain '{text}'")
+        return v
+
+    @property
+    def verbalizers(self) -> dict[str, str]:
+        return {str(k): str(k) for k in self.labels} if isinstance(self.labels, list) else dict(self.labels)
+
+
+class MethodConfig(Strict):
+    name: str = "moe_cl"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; available: {sorted(METHODS)}")
+        return v
+
+
+class BankSection(Strict):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    top_k: int | None = Field(None, gt=0)
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(128, gt=8)
+    seed: int = 0
+    checkpoint_every: int = Field(50, gt=0)
+
+
+class DeepSpeedConfig(Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    config: str | None = None  # a DeepSpeed JSON; its ZeRO section wins over zero_stage
+    offload: bool = False
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: a local Ray started in-process
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0)
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = None  # None: sqlite under the run's storage
+    experiment: str = "clpipe"
+
+
+class EvalConfig(Strict):
+    task_id: Literal["oracle", "inferred", "both"] = "oracle"
+    batch_size: int = Field(16, gt=0)
+    target_precision: float = Field(0.9, gt=0, le=1)
+
+
+class DataPolicy(Strict):
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_text_chars: int = Field(20000, gt=0)
+
+
+class RunConfig(Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = Field(min_length=1)
+    objective: Literal["lm", "head"] = "lm"
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    bank: BankSection = Field(default_factory=BankSection)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataPolicy = Field(default_factory=DataPolicy)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks):
+        seen = set()
+        for i, t in enumerate(tasks):
+            if t.name in seen:
+                raise ValueError(f"tasks[{i}].name: duplicate task name {t.name!r}")
+            seen.add(t.name)
+        return tasks
+
+    def identity_hash(self) -> str:
+        """Hash of everything that shapes the results; where they run and are tracked does not count."""
+        payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.identity_hash()[:10]}"
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{source}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Relative data and model paths are relative to the config file; all must exist."""
+    def resolve(value: str, field: str) -> str:
+        path = Path(os.path.expanduser(value))
+        path = path if path.is_absolute() else (base / path).resolve()
+        if not path.exists():
+            raise ConfigError(f"{field}: file not found: {path}")
+        return str(path)
+
+    for i, task in enumerate(cfg.tasks):
+        for split in ("train", "test"):
+            value = getattr(task.data, split)
+            if value is not None:
+                setattr(task.data, split, resolve(value, f"tasks[{i}].data.{split}"))
+    if cfg.model.kind in ("hf", "gguf") and (base / cfg.model.path).exists():
+        cfg.model.path = str((base / cfg.model.path).resolve())
+    if cfg.deepspeed.config is not None:
+        cfg.deepspeed.config = resolve(cfg.deepspeed.config, "deepspeed.config")
+        try:
+            json.loads(Path(cfg.deepspeed.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config}: not valid JSON ({e})") from e
+
+
+def parse_config(data: dict, source: str = "<config>", base: Path | None = None) -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    try:
+        _resolve_paths(cfg, base or Path.cwd())
+        if cfg.model.kind == "smollm2":
+            cfg.model.spec()  # fails early if the package is missing
+    except (ConfigError, ModuleNotFoundError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, str(path), path.parent)
