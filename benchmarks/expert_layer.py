@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -111,7 +112,8 @@ def grad_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return step
 
 
-def layer_times(warmup: int, repeats: int) -> dict[str, float]:
+def layer_steps() -> dict[str, Step]:
+    """The four layer variants on one LlamaMLP's weights, one input and one output gradient."""
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu"))
     x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
@@ -132,13 +134,12 @@ def layer_times(warmup: int, repeats: int) -> dict[str, float]:
         return top2(inp)
 
     peft_mlp = get_peft_model(MLPHost(copy.deepcopy(mlp)), lora_config()).train()
-    steps = {
+    return {
         "fused": grad_step(fused, x, trainable_parameters(fused), grad_out),
         "naive": grad_step(naive_forward, x, trainable_parameters(fused), grad_out),
         "top2of8": grad_step(top2_forward, x, trainable_parameters(top2), grad_out),
         "peft_lora": grad_step(peft_mlp, x, trainable_parameters(peft_mlp), grad_out),
     }
-    return median_times(steps, warmup, repeats)
 
 
 # -- whole model -----------------------------------------------------------------------------------
@@ -177,7 +178,8 @@ def train_step(loss: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> 
     return step
 
 
-def model_step_times(warmup: int, repeats: int) -> dict[str, float]:
+def model_steps() -> dict[str, Step]:
+    """A MoE-CL training step and a peft LoRA training step of SmolLM2-135M on the same batch."""
     spec = smollm2_gguf_spec()
     lm, tok = load_base_model(spec)
     peft_lm = get_peft_model(copy.deepcopy(lm), lora_config()).train()
@@ -190,11 +192,10 @@ def model_step_times(warmup: int, repeats: int) -> dict[str, float]:
     learner = Learner(model, objective, method).train()
     batch = answer_batch(objective, lm.config.vocab_size)
 
-    steps = {
+    return {
         "moe_cl_step": train_step(lambda: learner(batch)[0], trainable_parameters(learner)),
         "peft_lora_step": train_step(lambda: objective.loss(PeftLM(peft_lm), batch), trainable_parameters(peft_lm)),
     }
-    return median_times(steps, warmup, repeats)
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
-    t = layer_times(args.warmup, args.repeats)
+    t = median_times(layer_steps(), args.warmup, args.repeats)
     result: dict[str, float | None] = {
         "fused_vs_peft_lora": t["fused"] / t["peft_lora"],
         "fused_vs_naive": t["fused"] / t["naive"],
@@ -218,7 +219,7 @@ def main() -> None:
     }
     times_ms = {f"{name}_ms": seconds * 1e3 for name, seconds in t.items()}
     if not args.quick:
-        m = model_step_times(min(args.warmup, 2), args.model_repeats)
+        m = median_times(model_steps(), min(args.warmup, 2), args.model_repeats)
         result["model_step_vs_peft_lora"] = m["moe_cl_step"] / m["peft_lora_step"]
         times_ms.update({f"{name}_ms": seconds * 1e3 for name, seconds in m.items()})
 
@@ -228,9 +229,13 @@ def main() -> None:
         print(f"{name:<26} {shown:>7}  target <= {TARGETS[name]}  {verdict}")
     for name, ms in times_ms.items():
         print(f"{name:<26} {ms:9.1f}")
+    # With other processes on the cores, 2-thread ops wait on descheduled threads: read the
+    # figures against the load.
+    load = os.getloadavg()[0]
+    print(f"{'load_avg_1min':<26} {load:9.2f}  ({os.cpu_count()} cpus)")
     if args.json:
         rounded = {k: None if v is None else round(v, 3) for k, v in result.items()}
-        print(json.dumps(rounded | {k: round(v, 1) for k, v in times_ms.items()}))
+        print(json.dumps(rounded | {k: round(v, 1) for k, v in times_ms.items()} | {"load_avg_1min": round(load, 2)}))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ class ContinualModel(nn.Module):
         return self.lm.get_output_embeddings()(hidden)
 
     # -- bank tensors --------------------------------------------------------------------------
+    def bank_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that a bank file holds: experts, routers, method modules."""
+        params = [p for layer in self.bank.layers for part in (layer.experts, layer.router) for p in part.parameters()]
+        return params + list(self.extras.parameters())
+
     def bank_state_dict(self) -> dict[str, torch.Tensor]:
         state = self.bank.state_dict()
         state.update({f"extras.{k}": v for k, v in self.extras.state_dict().items()})

@@ -67,22 +67,33 @@ def _gguf_location(spec: ModelSpec) -> tuple[str, str]:
     return str(path), spec.gguf_file
 
 
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
+    """The tokenizer alone (data preparation needs no weights)."""
+    if spec.kind == "tiny":
+        return tiny_tokenizer(spec.vocab_size)
+    if spec.kind == "gguf":
+        directory, name = _gguf_location(spec)
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    else:
+        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast]:
     dtype = getattr(torch, spec.dtype)
     if spec.kind == "tiny":
-        model, tok = tiny_llama(spec), tiny_tokenizer(spec.vocab_size)
+        model = tiny_llama(spec)
     elif spec.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
     elif spec.kind == "gguf":
         directory, name = _gguf_location(spec)
         # transformers dequantises GGUF weights to `dtype`.
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     else:
         raise ValueError(f"model.kind {spec.kind!r}: expected one of tiny, hf, gguf")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(spec)
     model.to(dtype)
     model.eval()
     return model, tok

@@ -83,6 +83,9 @@ class LMObjective:
         self.pad_id = tokenizer.pad_token_id
         self.answers = [answer_ids(tokenizer, f) for f in formats]
 
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        """Nothing to add: the LM head answers every task."""
+
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows, targets = [], []
         for ex in examples:
@@ -159,7 +162,8 @@ class HeadObjective:
     def head_name(task: int) -> str:
         return f"head_{task}"
 
-    def ensure_head(self, model: ContinualModel, task: int) -> None:
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        """A fresh classification head for the task."""
         if self.head_name(task) not in model.extras:
             model.add_linear(self.head_name(task), model.hidden_size, self.num_labels[task])
 

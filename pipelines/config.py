@@ -149,6 +149,9 @@ class DeepSpeedConfig(Strict):
     zero_stage: int = Field(2, ge=0, le=3)
     config: str | None = None  # a DeepSpeed JSON; its ZeRO section wins over zero_stage
     offload: bool = False
+    # ZeRO-3 keeps parameters under this many elements whole on every rank (DeepSpeed's default
+    # 1e5 leaves a tiny model unpartitioned); None keeps DeepSpeed's default.
+    persistence_threshold: int | None = Field(None, ge=0)
 
 
 class RayConfig(Strict):

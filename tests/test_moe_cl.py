@@ -203,7 +203,7 @@ def test_head_objective_trains():
     objective = HeadObjective(tok, formats)
     method = build_method("moe_cl", adv_weight=0.0)
     method.setup_task(model, 0)
-    objective.ensure_head(model, 0)
+    objective.setup_task(model, 0)
     learner = Learner(model, objective, method)
     losses = train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)
     assert losses[-1] < losses[0]

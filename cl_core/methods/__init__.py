@@ -32,6 +32,10 @@ class Method:
         """Loss terms added to the objective's loss, by name."""
         return {}
 
+    def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
+        """The examples to train task `task` on, given every earlier task's training examples."""
+        return current
+
     def after_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
                    loss_fn: Callable[[dict], torch.Tensor]) -> None:
         """After training `task`: Fisher, memories, freezing. `batches()` re-reads the task's data."""

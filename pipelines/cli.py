@@ -1,0 +1,152 @@
+"""`clpipe`: run, resume, inspect and search continual-learning task sequences.
+
+    clpipe run run.yaml [--storage DIR]        run or resume (same command) a task sequence
+    clpipe validate run.yaml                   check a config and its data, run nothing
+    clpipe status RUN_ID [--storage DIR]       stage states and the accuracy matrix so far
+    clpipe ui [--storage DIR] [--port 5000]    the MLflow UI on the run store, on 127.0.0.1
+    clpipe tune run.yaml search.yaml [--storage DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_STORAGE = "runs"
+
+
+def _storage(args) -> Path:
+    return Path(args.storage).expanduser().resolve()
+
+
+def cmd_validate(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.driver import check_data
+
+    cfg = load_config(args.config)
+    check_data(cfg)
+    print(f"{args.config}: valid; run id {cfg.run_id}; {len(cfg.tasks)} tasks; method {cfg.method.name}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipelines.config import load_config
+    from pipelines.driver import Driver, print_result
+
+    cfg = load_config(args.config)
+    storage = _storage(args)
+    ledger = storage / cfg.run_id / "ledger.json"
+    if ledger.exists() and (storage / cfg.run_id / "report" / "summary.json").exists() and _finished(ledger, cfg):
+        print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
+        return 0
+    result = Driver(cfg, storage).run()
+    print_result(result)
+    return 0
+
+
+def _finished(ledger_path: Path, cfg) -> bool:
+    stages = json.loads(ledger_path.read_text())["stages"]
+    return f"task{len(cfg.tasks) - 1}/evaluate" in stages
+
+
+def cmd_status(args) -> int:
+    import numpy as np
+
+    from pipelines.report import format_matrix
+
+    run_dir = _storage(args) / args.run
+    if not (run_dir / "ledger.json").exists():
+        runs = sorted(p.name for p in _storage(args).glob("*/ledger.json"))
+        raise SystemExit(f"no run {args.run!r} under {_storage(args)}; runs there: {[Path(r).parent.name for r in runs]}")
+    import yaml
+
+    from pipelines.config import RunConfig
+
+    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    stages = json.loads((run_dir / "ledger.json").read_text())["stages"]
+    names = [t.name for t in cfg.tasks]
+    print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}")
+    for t, name in enumerate(names):
+        states = [f"{s}:{'done' if f'task{t}/{s}' in stages else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
+        print(f"  task{t} {name:<28} " + "  ".join(states))
+    rows = [stages[f"task{t}/evaluate"]["outputs"]["rows"]["oracle"]["accuracy"]
+            for t in range(len(names)) if f"task{t}/evaluate" in stages]
+    if rows:
+        R = np.full((len(names), len(names)), np.nan)  # stages not evaluated yet stay blank
+        for t, row in enumerate(rows):
+            R[t, : len(row)] = np.array(row) * 100
+        print(format_matrix(R, names, scale=1.0))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from pipelines.tracking import default_tracking_uri
+
+    uri = default_tracking_uri(_storage(args))
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port),
+               "--default-artifact-root", (_storage(args) / "mlartifacts").as_uri()]
+    # Own process group: mlflow leaves workers behind on SIGTERM to the parent; stop the group.
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def cmd_tune(args) -> int:
+    from pipelines.tune import run_search
+
+    return run_search(Path(args.config), Path(args.search), _storage(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run or resume a task sequence")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a config and its data")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("status", help="stage states and accuracy matrix of a run")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("ui", help="MLflow UI on the store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    p = sub.add_parser("tune", help="Ray Tune search over run-config fields")
+    p.add_argument("config")
+    p.add_argument("search")
+    p.set_defaults(func=cmd_tune)
+    for name, p in sub.choices.items():
+        p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder for all state (default: ./runs)")
+    args = parser.parse_args(argv)
+    from pipelines.config import ConfigError
+    from pipelines.data import DataError
+    from pipelines.tracking import TrackingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, TrackingError) as e:
+        print(f"clpipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

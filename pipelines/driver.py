@@ -1,0 +1,230 @@
+"""The sequence driver: for each task from the first stage not done, prepare → train → bank →
+evaluate, each recorded in the ledger once its outputs are durable; then the report.
+
+Reads top to bottom as the run goes. Everything about a run lives under `storage/<run_id>/`,
+where run_id = `<name>-<config hash>`: rerunning the same command finds the ledger and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from cl_core.bank import atomic_write_text
+from cl_core.metrics import cl_summary
+from pipelines import stages
+from pipelines.config import ConfigError, RunConfig
+from pipelines.data import load_split
+from pipelines.ledger import Ledger
+from pipelines.report import format_matrix, matrix_csv, matrix_heatmap
+from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    tasks: list[str]
+    matrices: dict[str, np.ndarray]  # mode → R[stage, task] (NaN above the diagonal)
+    baseline: np.ndarray
+    summary: dict[str, dict[str, float]]  # mode → AA/BwT/FwT/forgetting
+    strip: dict[str, list[float]]  # mode → final strip rate per task
+    tracking_uri: str
+    wall_s: float
+    compute_s: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Read and check every task's local files before any compute (labels, fields, empty splits)."""
+    for i, task in enumerate(cfg.tasks):
+        if task.data.train is not None:
+            for split in ("train", "test"):
+                load_split(task, split, i, cfg.data)
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if need_cpu > resources.get("CPU", 0):
+        raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker} CPUs "
+                          f"need {need_cpu:g} CPUs; the cluster has {resources.get('CPU', 0):g}")
+    if cfg.ray.use_gpu and cfg.ray.num_workers > resources.get("GPU", 0):
+        raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} GPU workers; the cluster has "
+                          f"{resources.get('GPU', 0):g} GPUs")
+
+
+def start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    os.environ.update(stages.RAY_ENV)
+    if ray.is_initialized():
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    runtime_env = {"env_vars": {**stages.RAY_ENV, "PYTHONPATH": here}}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.storage = Path(storage).resolve()
+        self.run_dir = self.storage / cfg.run_id
+        self.progress = progress
+        self.cfg_dict = cfg.model_dump()
+        self.expected_bank_sha: dict[int, str] = {}
+
+    # -- one stage, at most once ----------------------------------------------------------------
+    def stage(self, key: str, work: Callable[[str | None], dict]) -> dict:
+        done = self.ledger.outputs(key)
+        if done is not None:
+            self.progress(f"  {key:<22} done earlier")
+            return done
+        self.progress(f"  {key:<22} running")
+        child = self._tracked(lambda: self.tracker.stage_run(self.parent, self.cfg.run_id, key))
+        start = time.perf_counter()
+        out = work(child)
+        seconds = time.perf_counter() - start
+        self.ledger.mark_done(key, out, seconds)
+        self.progress(f"  {key:<22} done in {seconds:.1f}s")
+        if child:
+            self._tracked(lambda: (self.tracker.log(child, {"stage/seconds": seconds, "stage/compute_s": out["compute_s"]}),
+                                   self.tracker.finish(child)))
+        return out
+
+    def _tracked(self, call):
+        """MLflow failures mid-run never cost training: warn, go on; a rerun reconciles the runs."""
+        try:
+            return call()
+        except Exception as e:
+            warn(f"MLflow: {e}")
+            return None
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        import ray
+
+        cfg, wall = self.cfg, time.perf_counter()
+        check_data(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+        self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+        self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
+        self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
+        self.parent = self.tracker.parent_run(cfg.run_id, self.cfg_dict)
+        start_ray(cfg)
+        check_cluster(cfg)
+        self.progress(f"clpipe run {cfg.run_id}: {len(cfg.tasks)} tasks, method {cfg.method.name}, "
+                      f"storage {self.run_dir}")
+        self._drop_damaged_banks()
+
+        opts = stages.task_options(cfg)
+        cache = str(self.storage / "cache")
+        base = self.stage("model", lambda _: ray.get(stages.materialize.options(**opts).remote(
+            self.cfg_dict, str(self.storage / "cache" / "models"))))["spec"]
+        data = [self.stage(f"task{t}/prepare", lambda _, t=t: ray.get(stages.prepare.options(**opts).remote(
+            self.cfg_dict, t, base, str(Path(cache) / "prepared"))))["path"] for t in range(len(cfg.tasks))]
+        baseline = self.stage("baseline/evaluate", lambda _: ray.get(stages.evaluate.options(**opts).remote(
+            self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
+            untrained=True)))
+
+        parent_bank = None
+        for t, task in enumerate(cfg.tasks):
+            trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
+                cfg, t, base, data, parent_bank, self.run_dir / "ray_train",
+                child and {"tracking_uri": self.tracking_uri, "run_id": child}))
+            bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
+            built = self.stage(f"task{t}/bank", lambda _, t=t: ray.get(stages.bank.options(**opts).remote(
+                self.cfg_dict, t, base, parent_bank, trained["tensors"], data[t], bank_dir)))
+            if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
+                raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
+                                   f"start the run again in a new storage folder")
+            row = self.stage(f"task{t}/evaluate", lambda _, t=t: ray.get(stages.evaluate.options(**opts).remote(
+                self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
+            self._log_row(t, row)
+            parent_bank = bank_dir
+
+        return self._report(baseline, wall)
+
+    def _drop_damaged_banks(self) -> None:
+        """A bank altered or truncated on disk is rebuilt from its train stage's durable tensors.
+
+        The bank stage is deterministic, so the rebuilt bank must hash as the ledger recorded;
+        `stage` checks that (see `_bank_stage`).
+        """
+        for t in range(len(self.cfg.tasks)):
+            done = self.ledger.outputs(f"task{t}/bank")
+            problem = done and stages.verify_bank(done["path"])
+            if problem:
+                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from its training output")
+                self.expected_bank_sha[t] = done["sha256"]
+                self.ledger.forget([f"task{t}/bank"])
+
+    def _log_row(self, t: int, row: dict) -> None:
+        names = [task.name for task in self.cfg.tasks]
+        for mode, values in row["rows"].items():
+            prefix = "acc" if mode == "oracle" else "acc_inferred"
+            metrics = {f"{prefix}/{names[j]}": 100 * a for j, a in enumerate(values["accuracy"])}
+            metrics.update({f"strip/{names[j]}": 100 * s for j, s in enumerate(values["strip_rate"]) if mode == "oracle"})
+            self._tracked(lambda: self.tracker.log(self.parent, metrics, step=t))
+
+    def _report(self, baseline: dict, wall_start: float) -> RunResult:
+        cfg, names = self.cfg, [t.name for t in self.cfg.tasks]
+        n = len(names)
+        rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(n)]
+        base = np.array(baseline["rows"]["oracle"]["accuracy"]) * 100
+        matrices, summary, strip = {}, {}, {}
+        for mode in rows[-1]:
+            R = np.full((n, n), np.nan)
+            for t, row in enumerate(rows):
+                R[t, : t + 1] = np.array(row[mode]["accuracy"]) * 100
+            matrices[mode] = R
+            summary[mode] = cl_summary(R, base)
+            strip[mode] = [100 * s for s in rows[-1][mode]["strip_rate"]]
+        report_dir = self.run_dir / "report"
+        report_dir.mkdir(exist_ok=True)
+        matrix_csv(matrices["oracle"], names, report_dir / "accuracy_matrix.csv")
+        matrix_heatmap(matrices["oracle"], names, report_dir / "accuracy_matrix.png",
+                       f"{cfg.run_id}: accuracy (%)")
+        result_json = {"run_id": cfg.run_id, "tasks": names, "summary": summary, "strip_rate": strip,
+                       "matrices": {m: R.tolist() for m, R in matrices.items()}, "baseline": base.tolist()}
+        atomic_write_text(report_dir / "summary.json", json.dumps(result_json, indent=2, default=float))
+        key = {"oracle": "cl", "inferred": "cl_inferred"}
+        metrics = {f"{key[m]}/{k}": v for m, s in summary.items() for k, v in s.items()}
+        metrics["strip/mean"] = float(np.mean(strip["oracle"]))
+        self._tracked(lambda: self.tracker.log(self.parent, metrics, step=n - 1))
+        for f in ("accuracy_matrix.csv", "accuracy_matrix.png", "summary.json"):
+            self._tracked(lambda f=f: self.tracker.artifact(self.parent, report_dir / f, "report"))
+        self._tracked(lambda: self.tracker.artifact(self.parent, self.run_dir / "config.yaml"))
+        last_bank = self.ledger.outputs(f"task{n - 1}/bank")["path"]
+        self._tracked(lambda: self.tracker.artifact(self.parent, Path(last_bank) / "manifest.json", "bank"))
+        self._tracked(lambda: self.tracker.finish(self.parent))
+        seconds = {k: v["seconds"] for k, v in self.ledger.data["stages"].items()}
+        compute = sum(v["outputs"].get("compute_s", 0.0) for v in self.ledger.data["stages"].values())
+        return RunResult(run_id=cfg.run_id, run_dir=self.run_dir, tasks=names, matrices=matrices, baseline=base,
+                         summary=summary, strip=strip, tracking_uri=self.tracking_uri,
+                         wall_s=time.perf_counter() - wall_start, compute_s=compute, stage_seconds=seconds)
+
+
+def print_result(result: RunResult, out=sys.stdout) -> None:
+    for mode, R in result.matrices.items():
+        print(f"\nAccuracy matrix ({mode} task id), rows: after training each task", file=out)
+        print(format_matrix(R, result.tasks, result.baseline, scale=1.0), file=out)
+        s = result.summary[mode]
+        print(f"AA {s['AA']:.1f}  BwT {s['BwT']:+.1f}  FwT {s['FwT']:+.1f}  forgetting {s['forgetting']:.1f}  "
+              f"strip rate {np.mean(result.strip[mode]):.1f}", file=out)
+    print(f"\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "
+          f"(clpipe ui --storage {result.run_dir.parent})", file=out)

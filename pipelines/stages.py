@@ -1,0 +1,159 @@
+"""The stages of one task. prepare, bank and evaluate are Ray tasks; train is a Ray Train run.
+
+Each is a function of (config, task index, upstream outputs) that writes its outputs atomically
+and returns a small dict for the ledger, including `compute_s`, the seconds spent on the stage's
+own work (so the driver can tell compute from orchestration overhead).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import load_file
+
+from cl_core.bank import BankError, atomic_write_text, load_bank
+from cl_core.models import ModelSpec, load_tokenizer
+from cl_core.training import evaluate_task
+from pipelines.assembly import build_stage, materialize_base_model
+from pipelines.config import RunConfig
+from pipelines.data import load_prepared, prepare_task
+
+# Ray Train reports block ~1.9 s each with the default health-check interval; 0.1 s makes it ~0.08 s.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def _threads() -> int:
+    """Use the CPUs Ray gave this task (it sets OMP_NUM_THREADS to 1 otherwise)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def task_options(cfg: RunConfig) -> dict:
+    """Resources of a prepare/bank/evaluate task: those of one training worker."""
+    return {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if cfg.ray.use_gpu else 0, "max_retries": 1}
+
+
+@ray.remote
+def materialize(cfg_dict: dict, cache_root: str) -> dict:
+    start = time.perf_counter()
+    spec = materialize_base_model(RunConfig.model_validate(cfg_dict), Path(cache_root))
+    return {"spec": spec.__dict__, "compute_s": time.perf_counter() - start}
+
+
+@ray.remote
+def prepare(cfg_dict: dict, task: int, base: dict, cache_root: str) -> dict:
+    start = time.perf_counter()
+    cfg = RunConfig.model_validate(cfg_dict)
+    spec = ModelSpec(**base)
+    summary = prepare_task(cfg.tasks[task], task, load_tokenizer(spec), spec.source, cfg.training.max_length,
+                           cfg.training.seed, cfg.data, Path(cache_root))
+    return {**summary, "compute_s": time.perf_counter() - start}
+
+
+def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_bank: str | None,
+          storage_path: Path, tracking: dict | None) -> dict:
+    """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
+    resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train_worker import BANK_TENSORS, train_loop
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"run_config": cfg.model_dump(), "task": task, "base_model": ModelSpec(**base),
+                           "data": data_paths, "parent_bank": parent_bank, "mlflow": tracking,
+                           "threads": cfg.ray.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=TrainRunConfig(name=f"{cfg.run_id}-task{task}", storage_path=str(storage_path),
+                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    path = Path(result.checkpoint.path)
+    if not (path / BANK_TENSORS).exists():
+        raise RuntimeError(f"train stage of task {task}: final checkpoint {path} has no {BANK_TENSORS}")
+    return {"checkpoint": str(path), "tensors": str(path / BANK_TENSORS), "steps": result.metrics["steps"],
+            "final_loss": result.metrics["loss"], "compute_s": result.metrics["compute_s"]}
+
+
+@ray.remote
+def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors: str, data_path: str,
+         out_dir: str) -> dict:
+    """The trained tensors + the method's after-task work (Fisher, memories) → a verified bank."""
+    start = time.perf_counter()
+    _threads()
+    cfg = RunConfig.model_validate(cfg_dict)
+    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank), setup_task=task)
+    model = stage.model
+    model.load_bank_state_dict(load_file(tensors))
+    model.tasks = [t.name for t in cfg.tasks[: task + 1]]
+    examples = load_prepared(data_path, "train")
+
+    def batches():
+        size = cfg.training.batch_size
+        for s in range(0, len(examples), size):
+            yield stage.objective.collate(examples[s:s + size])
+
+    def loss_fn(batch):
+        with model.bank.routing(attention_mask=batch["attention_mask"],
+                                **stage.method.routing_fields(model, batch, training=True)):
+            return stage.objective.loss(model, batch)
+
+    model.eval()
+    stage.method.after_task(model, task, batches, loss_fn)
+    manifest = model.save(Path(out_dir), parent=parent_bank, extra={"task": task, "method": cfg.method.name})
+    load_bank(Path(out_dir), model.identity)  # read back and verify before the ledger says done
+    return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
+            "compute_s": time.perf_counter() - start}
+
+
+@ray.remote
+def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_paths: list[str],
+             out_file: str, untrained: bool = False) -> dict:
+    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
+
+    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline).
+    """
+    start = time.perf_counter()
+    _threads()
+    cfg = RunConfig.model_validate(cfg_dict)
+    stage = build_stage(cfg, ModelSpec(**base), bank_dir and Path(bank_dir))
+    if untrained:
+        for t in range(len(cfg.tasks)):
+            stage.method.setup_task(stage.model, t)
+            stage.objective.setup_task(stage.model, t)
+    stage.model.to(_device(cfg))
+    modes = ["oracle", "inferred"] if cfg.eval.task_id == "both" else [cfg.eval.task_id]
+    if not stage.method.routable:
+        modes = ["oracle"]
+    rows = {}
+    for mode in modes:
+        results = [evaluate_task(stage.model, stage.objective, stage.method, load_prepared(data_paths[t], "test"),
+                                 cfg.eval.batch_size, mode, cfg.eval.target_precision) for t in range(upto + 1)]
+        rows[mode] = {"accuracy": [r["accuracy"] for r in results], "strip_rate": [r["strip_rate"] for r in results]}
+    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    atomic_write_text(Path(out_file), json.dumps(out, indent=2))
+    return out
+
+
+def verify_bank(path: str) -> str | None:
+    """None if the bank on disk is intact, else why not."""
+    try:
+        load_bank(Path(path))
+        return None
+    except BankError as e:
+        return str(e)
+

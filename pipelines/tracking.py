@@ -1,0 +1,97 @@
+"""MLflow tracking: one parent run per task sequence, one child run per stage.
+
+Runs are found again by tags (`clpipe.run_id`, `clpipe.stage`), never created twice: a resumed
+sequence logs into the runs it already has. Keys are the same for every method (`acc/<task>`,
+`cl/AA`, `cl/BwT`, `cl/FwT`, `cl/forgetting`, `strip/<task>`, `train/loss`), so runs of
+different methods compare side by side in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or used; raised before any compute starts."""
+
+
+def default_tracking_uri(storage: Path) -> str:
+    return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config → {"training.lr": "0.001", ...}; values that look like secrets are dropped."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif not any(m in key.upper() for m in SECRET_MARKERS):
+            out[name] = str(value)[:500]
+    return out
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, storage: Path):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            if found is None:
+                # With the local sqlite default, artifacts live next to the database.
+                location = (Path(storage).resolve() / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            else:
+                self.experiment_id = found.experiment_id
+        except Exception as e:
+            raise TrackingError(f"MLflow at {tracking_uri} is not reachable or not usable: {e}") from e
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, run_id: str, config: dict) -> str:
+        tags = {"clpipe.run_id": run_id, "clpipe.kind": "sequence"}
+        existing = self._find(tags)
+        if existing:
+            self.client.update_run(existing, status="RUNNING")
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=run_id, tags=tags)
+        params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        return run.info.run_id
+
+    def stage_run(self, parent: str, run_id: str, stage: str) -> str:
+        tags = {"clpipe.run_id": run_id, "clpipe.stage": stage}
+        existing = self._find(tags)
+        if existing:
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=f"{run_id}/{stage}",
+                                     tags={**tags, "mlflow.parentRunId": parent})
+        return run.info.run_id
+
+    def log(self, run: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.client.log_batch(run, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()])
+
+    def artifact(self, run: str, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run, str(path), folder)
+
+    def finish(self, run: str, ok: bool = True) -> None:
+        self.client.set_terminated(run, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def warn(message: str) -> None:
+    print(f"[clpipe] warning: {message}", file=sys.stderr, flush=True)

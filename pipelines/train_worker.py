@@ -1,0 +1,182 @@
+"""The Ray Train worker loop of a train stage: a DeepSpeed ZeRO engine over the stage's Learner.
+
+Runs in every worker of a `TorchTrainer`. The engine is built fresh for each task stage, after
+the method has frozen what must not train (DeepSpeed ignores `requires_grad` changes made after
+`initialize`). Every `checkpoint_every` steps, all ranks write the engine state, their RNG state
+and (rank 0) the consolidated bank tensors into one Ray Train checkpoint; a restarted worker
+group resumes from the latest one and continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cl_core.experts import MixtureFFN
+from cl_core.training import Learner, to_device, trainable_parameters
+from pipelines.assembly import build_stage
+from pipelines.config import RunConfig
+from pipelines.data import load_prepared
+
+ENGINE_TAG = "engine"
+BANK_TENSORS = "bank_tensors.safetensors"
+PROGRESS = "progress.json"
+
+
+def skip_shm_jit() -> None:
+    """On CPU, stop DeepSpeed g++-building its shared-memory comm op at start-up (~47 s, and it
+    fails without a compiler); gloo does not need it. The module is reached through sys.modules
+    because the attribute path `deepspeed.comm.torch` resolves to the real torch."""
+    import deepspeed  # noqa: F401  (loads deepspeed.comm.torch)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    """The engine config: a user's JSON if given, else one from `deepspeed.*`; batch sizes from `training.*`."""
+    if cfg.deepspeed.config:
+        ds = json.loads(Path(cfg.deepspeed.config).read_text())
+    else:
+        ds = {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}
+    zero = ds.setdefault("zero_optimization", {"stage": cfg.deepspeed.zero_stage})
+    if cfg.deepspeed.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        ds["zero_force_ds_cpu_optimizer"] = False  # keep torch's AdamW: no CPUAdam JIT build
+    if cfg.deepspeed.persistence_threshold is not None and zero.get("stage") == 3:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    ds["train_micro_batch_size_per_gpu"] = cfg.training.batch_size
+    ds["gradient_accumulation_steps"] = cfg.training.grad_accum
+    ds.setdefault("gradient_clipping", 1.0)
+    ds.setdefault("steps_per_print", 10**9)
+    if cfg.model.dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def epoch_order(n: int, seed: int, task: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}-{task}-{epoch}").shuffle(order)
+    return order
+
+
+def micro_batches(n_examples: int, cfg: RunConfig, task: int, rank: int, world: int) -> list[list[int]]:
+    """Every micro batch of this rank for the whole stage, in order: a pure function of the config,
+    so a resumed stage picks up at exactly the step it stopped."""
+    size, accum = cfg.training.batch_size, cfg.training.grad_accum
+    per_rank = math.ceil(n_examples / world)  # equal on every rank: collectives stay in step
+    out = []
+    for epoch in range(cfg.training.epochs):
+        order = epoch_order(n_examples, cfg.training.seed, task, epoch)
+        mine = [order[i % n_examples] for i in range(rank, per_rank * world, world)]
+        chunks = [mine[s:s + size] for s in range(0, len(mine), size)]
+        # Whole accumulation cycles only, so no optimizer step is left partial.
+        out += chunks + chunks[: -len(chunks) % accum]
+    return out
+
+
+def _gathered_bank_tensors(engine, learner: Learner, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The whole bank on rank 0; under ZeRO-3 the partitions are gathered first (a collective)."""
+    import deepspeed
+
+    model = learner.model
+    with deepspeed.zero.GatheredParameters(model.bank_parameters(), enabled=zero_stage == 3):
+        return {k: v.detach().clone().cpu() for k, v in model.bank_state_dict().items()}
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from deepspeed.utils import set_z3_leaf_modules
+    from safetensors.torch import save_file
+
+    skip_shm_jit()
+    cfg = RunConfig.model_validate(config["run_config"])
+    task = config["task"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+
+    stage = build_stage(cfg, config["base_model"], config.get("parent_bank") and Path(config["parent_bank"]),
+                        setup_task=task)
+    learner = Learner(stage.model, stage.objective, stage.method)
+    # Routing inside a MixtureFFN depends on the data; as a ZeRO-3 leaf its parameters are
+    # gathered as a whole, so ranks never disagree about which submodules run.
+    set_z3_leaf_modules(learner, [MixtureFFN])
+    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=cfg.training.lr, weight_decay=0.0)
+    ds_config = deepspeed_config(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=learner, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    zero_stage = ds_config["zero_optimization"].get("stage", 0)
+
+    current = load_prepared(config["data"][task], "train")
+    earlier = [load_prepared(p, "train") for p in config["data"][:task]]
+    examples = stage.method.training_examples(task, current, earlier, cfg.training.seed)
+    schedule = micro_batches(len(examples), cfg, task, rank, world)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=False)
+            start = json.loads((Path(d) / PROGRESS).read_text())["step"]
+            torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
+
+    tracker = config.get("mlflow")
+    client = None
+    if tracker and rank == 0:
+        from mlflow import MlflowClient
+        client = MlflowClient(tracker["tracking_uri"])
+    device = engine.device
+    log_every, every = config.get("log_every", 10), cfg.training.checkpoint_every
+    pending, started = [], time.perf_counter()
+    for step in range(start, len(schedule)):
+        batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
+        loss, logs = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        logs["loss"] = float(mean) / world
+        done = step + 1
+        pending.append((done, logs))
+        last = done == len(schedule)
+        if client is not None and (done % log_every == 0 or last):
+            _log_losses(client, tracker["run_id"], pending)
+        if done % log_every == 0 or last:
+            pending = []
+        metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"],
+                   "compute_s": time.perf_counter() - started}
+        if done % every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                # Collective: every rank writes its shards; Ray merges the ranks' folders.
+                engine.save_checkpoint(d, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+                torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
+                tensors = _gathered_bank_tensors(engine, learner, zero_stage)
+                if rank == 0:
+                    save_file(tensors, str(Path(d) / BANK_TENSORS))
+                    (Path(d) / PROGRESS).write_text(json.dumps({"step": done, "steps": len(schedule)}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        elif done % log_every == 0:
+            ray.train.report(metrics)
+
+
+def _log_losses(client, run_id: str, pending: list[tuple[int, dict]]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train/{k}", v, now, step) for step, logs in pending for k, v in logs.items()]
+    try:
+        client.log_batch(run_id, metrics=metrics)
+    except Exception as e:  # tracking must never cost training progress
+        print(f"[clpipe] MLflow logging failed, training continues: {e}", file=sys.stderr)
