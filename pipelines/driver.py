@@ -72,10 +72,13 @@ def start_ray(cfg: RunConfig) -> None:
         return
     here = str(Path(__file__).resolve().parents[1])
     runtime_env = {"env_vars": {**stages.RAY_ENV, "PYTHONPATH": here}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
+    # Under `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a local Ray: a bare
+    # ray.init() would attach to any `ray start` cluster recorded on this host.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
 
 
 class Driver:

@@ -64,7 +64,7 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
           storage_path: Path, tracking: dict | None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
     resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
-    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.train_worker import BANK_TENSORS, train_loop
@@ -77,7 +77,8 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=TrainRunConfig(name=f"{cfg.run_id}-task{task}", storage_path=str(storage_path),
-                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+                                  failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -86,7 +87,9 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
     if not (path / BANK_TENSORS).exists():
         raise RuntimeError(f"train stage of task {task}: final checkpoint {path} has no {BANK_TENSORS}")
     return {"checkpoint": str(path), "tensors": str(path / BANK_TENSORS), "steps": result.metrics["steps"],
-            "final_loss": result.metrics["loss"], "compute_s": result.metrics["compute_s"]}
+            "final_loss": result.metrics["loss"], "resumed_from": result.metrics["resumed_from"],
+            "partitioned_params": result.metrics["partitioned_params"],
+            "compute_s": result.metrics["compute_s"]}
 
 
 @ray.remote

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from cl_core.experts import MixtureFFN
 from cl_core.training import Learner, to_device, trainable_parameters
 from pipelines.assembly import build_stage
 from pipelines.config import RunConfig
@@ -42,8 +41,16 @@ def skip_shm_jit() -> None:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def deepspeed_config(cfg: RunConfig) -> dict:
-    """The engine config: a user's JSON if given, else one from `deepspeed.*`; batch sizes from `training.*`."""
+def deepspeed_config(cfg: RunConfig, largest_bank_param: int) -> dict:
+    """The engine config: a user's JSON if given, else one from `deepspeed.*`; batch sizes from `training.*`.
+
+    Under ZeRO-3 the bank stays replicated and only the frozen base model is partitioned: the
+    persistence threshold is raised to the largest bank tensor (LoRA factors, gates; kilobytes).
+    Routing calls gates and experts depending on the data, and the discriminator reads features
+    outside the layer's output; replicated bank tensors need no gather for either, so ranks never
+    wait on each other for them (ZeRO-3 hangs or fails when ranks touch different partitioned
+    parameters).
+    """
     if cfg.deepspeed.config:
         ds = json.loads(Path(cfg.deepspeed.config).read_text())
     else:
@@ -52,8 +59,11 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     if cfg.deepspeed.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         ds["zero_force_ds_cpu_optimizer"] = False  # keep torch's AdamW: no CPUAdam JIT build
-    if cfg.deepspeed.persistence_threshold is not None and zero.get("stage") == 3:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    if zero.get("stage") == 3:
+        wanted = cfg.deepspeed.persistence_threshold
+        if wanted is None:
+            wanted = zero.get("stage3_param_persistence_threshold", 100_000)  # DeepSpeed's default
+        zero["stage3_param_persistence_threshold"] = max(wanted, largest_bank_param)
     ds["train_micro_batch_size_per_gpu"] = cfg.training.batch_size
     ds["gradient_accumulation_steps"] = cfg.training.grad_accum
     ds.setdefault("gradient_clipping", 1.0)
@@ -97,7 +107,6 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch.distributed as dist
-    from deepspeed.utils import set_z3_leaf_modules
     from safetensors.torch import save_file
 
     skip_shm_jit()
@@ -110,14 +119,12 @@ def train_loop(config: dict) -> None:
     stage = build_stage(cfg, config["base_model"], config.get("parent_bank") and Path(config["parent_bank"]),
                         setup_task=task)
     learner = Learner(stage.model, stage.objective, stage.method)
-    # Routing inside a MixtureFFN depends on the data; as a ZeRO-3 leaf its parameters are
-    # gathered as a whole, so ranks never disagree about which submodules run.
-    set_z3_leaf_modules(learner, [MixtureFFN])
     optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=cfg.training.lr, weight_decay=0.0)
-    ds_config = deepspeed_config(cfg)
+    ds_config = deepspeed_config(cfg, max(p.numel() for p in stage.model.bank_parameters()))
     engine, _, _, _ = deepspeed.initialize(model=learner, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
+    partitioned = sum(not getattr(p, "ds_persist", True) for p in learner.parameters())
 
     current = load_prepared(config["data"][task], "train")
     earlier = [load_prepared(p, "train") for p in config["data"][:task]]
@@ -155,8 +162,8 @@ def train_loop(config: dict) -> None:
             _log_losses(client, tracker["run_id"], pending)
         if done % log_every == 0 or last:
             pending = []
-        metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"],
-                   "compute_s": time.perf_counter() - started}
+        metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"], "resumed_from": start,
+                   "partitioned_params": partitioned, "compute_s": time.perf_counter() - started}
         if done % every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 # Collective: every rank writes its shards; Ray merges the ranks' folders.

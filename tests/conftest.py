@@ -41,3 +41,34 @@ def batches(collate, examples: list[dict], batch_size: int, epochs: int = 1, see
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_run(name: str = "t", tasks: int = 2, **sections) -> dict:
+    """A tiny run config (dict): generated tasks, 2 workers × 1 CPU, ZeRO-2 unless overridden."""
+    cfg = {
+        "name": name,
+        "model": {"kind": "tiny", "hidden_size": 64, "num_layers": 2, "vocab_size": 256},
+        "tasks": [{"name": f"task{t}", "data": {"synthetic": {"n_train": 48, "n_test": 24}},
+                   "labels": [f"w{2 * t + 1}", f"w{2 * t + 2}"]} for t in range(tasks)],
+        "method": {"name": "moe_cl", "params": {"adv_weight": 0.1}},
+        "bank": {"dropout": 0.05},
+        "training": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_length": 32, "checkpoint_every": 2},
+        "deepspeed": {"zero_stage": 2},
+        "ray": {"num_workers": 2, "cpus_per_worker": 1},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (ray.init costs seconds); workers import the repo's packages."""
+    import ray
+
+    from pipelines.driver import start_ray
+    from pipelines.config import parse_config
+
+    start_ray(parse_config(tiny_run()))
+    yield ray
+    ray.shutdown()

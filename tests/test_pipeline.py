@@ -1,0 +1,151 @@
+"""The pipeline end to end on a tiny model: Ray stages, DeepSpeed ZeRO, MLflow, durable resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines.config import ConfigError, parse_config
+from pipelines.driver import Driver, check_cluster
+from pipelines.tracking import default_tracking_uri
+from tests.conftest import tiny_run
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+CLPIPE = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _quiet(_msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_local, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("zero2")
+    cfg = parse_config(tiny_run("seq"))
+    return cfg, storage, Driver(cfg, storage, _quiet).run()
+
+
+def test_two_tasks_zero2_two_workers(zero2_run):
+    cfg, storage, result = zero2_run
+    R = result.matrices["oracle"]
+    assert R.shape == (2, 2) and np.isnan(R[0, 1])
+    # Each task is learned well above the untrained bank (chance is 50%).
+    assert R[0, 0] >= 75 and R[1, 1] >= 75
+    assert R[0, 0] > result.baseline[0] + 20
+    assert set(result.summary["oracle"]) == {"AA", "BwT", "FwT", "forgetting"}
+    assert (result.run_dir / "report" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    ledger = json.loads((result.run_dir / "ledger.json").read_text())["stages"]
+    assert ledger["task1/train"]["outputs"]["steps"] == 6  # 48 rows / 2 ranks / batch 8 × 2 epochs
+
+
+def test_mlflow_has_one_parent_with_stage_children_and_keys(zero2_run):
+    cfg, storage, result = zero2_run
+    client = MlflowClient(default_tracking_uri(storage))
+    exp = client.get_experiment_by_name("clpipe")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["clpipe.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"model", "task0/prepare", "task1/prepare", "baseline/evaluate", "task0/train",
+                             "task0/bank", "task0/evaluate", "task1/train", "task1/bank", "task1/evaluate"}
+    assert {"acc/task0", "acc/task1", "cl/AA", "cl/BwT", "cl/FwT", "cl/forgetting", "strip/task0"} <= set(parent.data.metrics)
+    assert parent.data.params["training.lr"] == "0.01"
+    history = client.get_metric_history(parent.info.run_id, "acc/task0")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert "train/loss" in children["task0/train"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/accuracy_matrix.csv" in artifacts
+
+
+def test_rerun_of_a_finished_run_does_nothing(zero2_run):
+    cfg, storage, result = zero2_run
+    messages = []
+    again = Driver(cfg, storage, messages.append).run()
+    assert np.array_equal(again.matrices["oracle"], result.matrices["oracle"], equal_nan=True)
+    stage_lines = [m for m in messages if m.startswith("  ")]
+    assert stage_lines and all(m.endswith("done earlier") for m in stage_lines)
+    out = subprocess.run(CLPIPE + ["run", "-", "--storage", str(storage)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "config file not found" in out.stderr
+
+
+def test_zero3_partitioned_matches_zero2(ray_local, tmp_path, zero2_run):
+    cfg = parse_config(tiny_run("seq", deepspeed={"zero_stage": 3, "persistence_threshold": 0}))
+    result = Driver(cfg, tmp_path, _quiet).run()
+    train = json.loads((result.run_dir / "ledger.json").read_text())["stages"]["task0/train"]["outputs"]
+    assert train["partitioned_params"] >= 2 * 3 + 2  # the base MLP and attention weights, embeddings, head
+    assert np.allclose(result.matrices["oracle"], zero2_run[2].matrices["oracle"], equal_nan=True, atol=1e-9)
+
+
+def test_more_workers_than_the_cluster_has(ray_local):
+    cfg = parse_config(tiny_run(ray={"num_workers": 5, "cpus_per_worker": 1}))
+    with pytest.raises(ConfigError, match=r"ray.num_workers: 5 workers × 1 CPUs need 5 CPUs; the cluster has 2"):
+        check_cluster(cfg)
+
+
+def _ray_pids_of(session_marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:] if session_marker in line]
+
+
+def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_run("seq")))
+    cmd = CLPIPE + ["run", str(config), "--storage", str(tmp_path / "s")]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    train_dir = tmp_path / "s" / zero2_run[0].run_id / "ray_train" / f"{zero2_run[0].run_id}-task1"
+    deadline = time.time() + 300
+    while not list(train_dir.glob("checkpoint_2*")) and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    ledger = json.loads((tmp_path / "s" / zero2_run[0].run_id / "ledger.json").read_text())["stages"]
+    assert "task1/evaluate" not in ledger  # really killed before the end
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "s" / zero2_run[0].run_id / "report" / "summary.json").read_text())
+    assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), zero2_run[2].matrices["oracle"],
+                          equal_nan=True)
+    client = MlflowClient(default_tracking_uri(tmp_path / "s"))
+    runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
+    assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 1
+    stages = [r.data.tags.get("clpipe.stage") for r in runs if "clpipe.stage" in r.data.tags]
+    assert len(stages) == len(set(stages)) == 10
+
+
+def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
+    cfg = parse_config(tiny_run("worker", tasks=1, training={"epochs": 6}))
+    killed = []
+
+    def kill_a_worker_after_first_checkpoint():
+        train_dir = tmp_path / cfg.run_id / "ray_train" / f"{cfg.run_id}-task0"
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list(train_dir.glob("checkpoint_2*")):
+                out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+                pids = [int(l.split()[0]) for l in out.splitlines() if "RayTrainWorker" in l]
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = Driver(cfg, tmp_path, _quiet).run()
+    killer.join(1)
+    assert killed
+    train = json.loads((result.run_dir / "ledger.json").read_text())["stages"]["task0/train"]["outputs"]
+    assert train["resumed_from"] > 0 and train["steps"] == 18
+    assert result.matrices["oracle"][0, 0] >= 75
