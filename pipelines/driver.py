@@ -57,7 +57,7 @@ def check_cluster(cfg: RunConfig) -> None:
     resources = ray.cluster_resources()
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > resources.get("CPU", 0):
-        raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker} CPUs "
+        raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker:g} CPUs "
                           f"need {need_cpu:g} CPUs; the cluster has {resources.get('CPU', 0):g}")
     if cfg.ray.use_gpu and cfg.ray.num_workers > resources.get("GPU", 0):
         raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} GPU workers; the cluster has "

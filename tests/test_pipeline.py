@@ -126,14 +126,15 @@ def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run)
 
 
 def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):
-    cfg = parse_config(tiny_run("worker", tasks=1, training={"epochs": 6}))
+    # 90 steps, a checkpoint every 10: the kill lands while the workers are still training.
+    cfg = parse_config(tiny_run("worker", tasks=1, training={"epochs": 30, "checkpoint_every": 10}))
     killed = []
 
     def kill_a_worker_after_first_checkpoint():
         train_dir = tmp_path / cfg.run_id / "ray_train" / f"{cfg.run_id}-task0"
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if list(train_dir.glob("checkpoint_2*")):
+            if (train_dir / "checkpoint_manager_snapshot.json").exists():  # a checkpoint is committed
                 out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
                 pids = [int(l.split()[0]) for l in out.splitlines() if "RayTrainWorker" in l]
                 if pids:
@@ -147,5 +148,5 @@ def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path)
     killer.join(1)
     assert killed
     train = json.loads((result.run_dir / "ledger.json").read_text())["stages"]["task0/train"]["outputs"]
-    assert train["resumed_from"] > 0 and train["steps"] == 18
+    assert train["resumed_from"] > 0 and train["steps"] == 90
     assert result.matrices["oracle"][0, 0] >= 75
