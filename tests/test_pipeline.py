@@ -94,7 +94,7 @@ def test_more_workers_than_the_cluster_has(ray_local):
 
 
 def _ray_pids_of(session_marker: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines()[1:] if session_marker in line]
 
 
@@ -135,7 +135,7 @@ def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path)
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if (train_dir / "checkpoint_manager_snapshot.json").exists():  # a checkpoint is committed
-                out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+                out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
                 pids = [int(l.split()[0]) for l in out.splitlines() if "RayTrainWorker" in l]
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -150,3 +150,64 @@ def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path)
     train = json.loads((result.run_dir / "ledger.json").read_text())["stages"]["task0/train"]["outputs"]
     assert train["resumed_from"] > 0 and train["steps"] == 90
     assert result.matrices["oracle"][0, 0] >= 75
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_process_trees(markers: list[str]) -> None:
+    """Kill the processes whose command line names one of `markers`, and their descendants:
+    exactly the Ray we started (`ray stop` would end every Ray on the host)."""
+    rows = [line.split(None, 2) for line in
+            subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    todo = [int(pid) for pid, _, *args in rows if args and any(m in args[0] for m in markers)]
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen and pid != os.getpid():
+            seen.add(pid)
+            todo += children.get(pid, [])
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="clpipe-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dashboard = _free_port(), _free_port()
+    # Every listening port chosen free, so another Ray on this host (with its defaults) cannot collide.
+    ports = [(flag, str(_free_port())) for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+                                                     "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                                                     "--metrics-export-port")]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    try:
+        start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                                "--temp-dir", temp_dir, "--disable-usage-stats", *[x for p in ports for x in p]],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump(tiny_run("job", tasks=1, ray={"num_workers": 1})))
+        clpipe = str(Path(sys.executable).parent / "clpipe")
+        job = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                              clpipe, "run", str(config), "--storage", str(tmp_path / "s")],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "Accuracy matrix" in job.stdout
+        assert list((tmp_path / "s").glob("job-*/report/summary.json"))
+    finally:
+        _kill_process_trees([temp_dir, f":{port}"])
