@@ -82,8 +82,12 @@ def start_ray(cfg: RunConfig) -> None:
 
 
 class Driver:
-    def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print):
+    def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
+                 on_evaluated: Callable[[int, dict], None] | None = None):
+        """`on_evaluated(t, row)` is called after task t's evaluate stage (done now or earlier),
+        e.g. to report a Tune trial's progress stage by stage."""
         self.cfg = cfg
+        self.on_evaluated = on_evaluated
         self.storage = Path(storage).resolve()
         self.run_dir = self.storage / cfg.run_id
         self.progress = progress
@@ -158,6 +162,8 @@ class Driver:
             row = self.stage(f"task{t}/evaluate", lambda _, t=t: ray.get(stages.evaluate.options(**opts).remote(
                 self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
             self._log_row(t, row)
+            if self.on_evaluated:
+                self.on_evaluated(t, row)
             parent_bank = bank_dir
 
         return self._report(baseline, wall)

@@ -59,4 +59,13 @@ def build_method(name: str, **params: Any):
         raise ValueError(f"method {name}: bad parameters {params}: {e}") from e
 
 
-from cl_core.methods import moe_cl  # noqa: E402,F401  (registers the built-in methods)
+def _register_builtin_methods() -> None:
+    """Import every module of this package: each registers its method with @register."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_builtin_methods()
