@@ -51,15 +51,16 @@ if [[ -f "$HOME/.ray/auth_token" ]]; then
 fi
 
 address="${RAY_ADDRESS:-http://127.0.0.1:8265}"
+auth="${RAY_AUTH_MODE:+RAY_AUTH_MODE=$RAY_AUTH_MODE }"   # the `ray job` commands below need it too
 cd "$root"
 
 cat <<EOF
 Submitting to $address: clpipe run $config --storage $storage
-  follow the logs:   ray job logs -f <submission id> --address $address   (id printed below)
-  list / stop jobs:  ray job list --address $address ; ray job stop <submission id> --address $address
+  follow the logs:   ${auth}ray job logs -f <submission id> --address $address   (id printed below)
+  list / stop jobs:  ${auth}ray job list --address $address ; ${auth}ray job stop <submission id> --address $address
   stage states:      clpipe status <run id> --storage $storage   (on a node that mounts $storage)
   after preemption or a crash, submit the same command again:
-      $0 $config $storage
+      $0 $1 $storage
     the ledger under $storage/<run id> goes on from the first stage not done, and a train stage
     cut off mid-way resumes from its last Ray Train checkpoint. Keep the config unchanged: the
     run id is the config's name plus a hash of its contents.

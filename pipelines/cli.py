@@ -40,8 +40,7 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config)
     storage = _storage(args)
-    ledger = storage / cfg.run_id / "ledger.json"
-    if ledger.exists() and (storage / cfg.run_id / "report" / "summary.json").exists() and _finished(ledger, cfg):
+    if _finished(storage / cfg.run_id):
         print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
         return 0
     result = Driver(cfg, storage).run()
@@ -49,9 +48,11 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _finished(ledger_path: Path, cfg) -> bool:
-    stages = json.loads(ledger_path.read_text())["stages"]
-    return f"task{len(cfg.tasks) - 1}/evaluate" in stages
+def _finished(run_dir: Path) -> bool:
+    """Report written and MLflow complete (else the rerun goes through the ledger and reconciles MLflow)."""
+    ledger = run_dir / "ledger.json"
+    return (run_dir / "report" / "summary.json").exists() and ledger.exists() and \
+        json.loads(ledger.read_text())["meta"].get("mlflow_complete", False)
 
 
 def cmd_status(args) -> int:

@@ -175,7 +175,7 @@ class EvalConfig(Strict):
 
 class DataPolicy(Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
-    max_text_chars: int = Field(20000, gt=0)
+    max_text_chars: int = Field(100_000, gt=0)  # texts are truncated to max_length tokens anyway
 
 
 class RunConfig(Strict):

@@ -93,12 +93,14 @@ class Driver:
         self.progress = progress
         self.cfg_dict = cfg.model_dump()
         self.expected_bank_sha: dict[int, str] = {}
+        self.tracking_failed = False
 
     # -- one stage, at most once ----------------------------------------------------------------
     def stage(self, key: str, work: Callable[[str | None], dict]) -> dict:
         done = self.ledger.outputs(key)
         if done is not None:
             self.progress(f"  {key:<22} done earlier")
+            self._track_stage(key, done, self.ledger.data["stages"][key]["seconds"])  # reconciles MLflow
             return done
         self.progress(f"  {key:<22} running")
         child = self._tracked(lambda: self.tracker.stage_run(self.parent, self.cfg.run_id, key))
@@ -107,16 +109,25 @@ class Driver:
         seconds = time.perf_counter() - start
         self.ledger.mark_done(key, out, seconds)
         self.progress(f"  {key:<22} done in {seconds:.1f}s")
-        if child:
-            self._tracked(lambda: (self.tracker.log(child, {"stage/seconds": seconds, "stage/compute_s": out["compute_s"]}),
-                                   self.tracker.finish(child)))
+        self._track_stage(key, out, seconds, child)
         return out
+
+    def _track_stage(self, key: str, out: dict, seconds: float, child: str | None = None) -> None:
+        """The stage's child run (found or created) gets its metrics and is marked finished."""
+        metrics = {"stage/seconds": seconds, "stage/compute_s": out["compute_s"], **out.get("metrics", {})}
+        self._tracked(lambda: self._finish_child(child or self.tracker.stage_run(self.parent, self.cfg.run_id, key),
+                                                 metrics))
+
+    def _finish_child(self, child: str, metrics: dict) -> None:
+        self.tracker.log(child, metrics)
+        self.tracker.finish(child)
 
     def _tracked(self, call):
         """MLflow failures mid-run never cost training: warn, go on; a rerun reconciles the runs."""
         try:
             return call()
         except Exception as e:
+            self.tracking_failed = True
             warn(f"MLflow: {e}")
             return None
 
@@ -221,6 +232,8 @@ class Driver:
         last_bank = self.ledger.outputs(f"task{n - 1}/bank")["path"]
         self._tracked(lambda: self.tracker.artifact(self.parent, Path(last_bank) / "manifest.json", "bank"))
         self._tracked(lambda: self.tracker.finish(self.parent))
+        # A rerun of a finished run only exits early once MLflow has everything.
+        self.ledger.set_meta("mlflow_complete", not self.tracking_failed)
         seconds = {k: v["seconds"] for k, v in self.ledger.data["stages"].items()}
         compute = sum(v["outputs"].get("compute_s", 0.0) for v in self.ledger.data["stages"].values())
         return RunResult(run_id=cfg.run_id, run_dir=self.run_dir, tasks=names, matrices=matrices, baseline=base,

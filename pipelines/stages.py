@@ -57,7 +57,9 @@ def prepare(cfg_dict: dict, task: int, base: dict, cache_root: str) -> dict:
     spec = ModelSpec(**base)
     summary = prepare_task(cfg.tasks[task], task, load_tokenizer(spec), spec.source, cfg.training.max_length,
                            cfg.training.seed, cfg.data, Path(cache_root))
-    return {**summary, "compute_s": time.perf_counter() - start}
+    metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
+               for split, v in summary["splits"].items() for key in ("rows", "skipped")}
+    return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
 
 
 def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_bank: str | None,

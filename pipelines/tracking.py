@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -38,9 +40,23 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """A tracking server must answer its health check now; MLflow's own client would retry for minutes."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow at {tracking_uri} answered {response.status} to /health")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"MLflow at {tracking_uri} is not reachable ({e}); start the server or set "
+                            f"mlflow.tracking_uri to a reachable one (default: a sqlite store under --storage)") from None
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, storage: Path):
         self.uri = tracking_uri
+        check_reachable(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)

@@ -211,3 +211,28 @@ def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
         assert list((tmp_path / "s").glob("job-*/report/summary.json"))
     finally:
         _kill_process_trees([temp_dir, f":{port}"])
+
+
+def test_mlflow_down_mid_run_loses_no_training_and_a_rerun_reconciles(ray_local, tmp_path, monkeypatch):
+    from pipelines.tracking import Tracker
+
+    cfg = parse_config(tiny_run("mlflowdown", tasks=1, ray={"num_workers": 1}))
+    real_log = Tracker.log
+
+    def unreachable(self, run, metrics, step=0):
+        raise ConnectionError("MLflow server went away")
+
+    monkeypatch.setattr(Tracker, "log", unreachable)
+    first = Driver(cfg, tmp_path, _quiet).run()
+    ledger = json.loads((first.run_dir / "ledger.json").read_text())
+    assert "task0/evaluate" in ledger["stages"] and ledger["meta"]["mlflow_complete"] is False
+    monkeypatch.setattr(Tracker, "log", real_log)
+    second = Driver(cfg, tmp_path, _quiet).run()
+    assert np.array_equal(first.matrices["oracle"], second.matrices["oracle"])
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
+    assert len(parents) == 1 and "cl/AA" in parents[0].data.metrics
+    stage_runs = [r for r in runs if "clpipe.stage" in r.data.tags]
+    assert len(stage_runs) == 6 and all("stage/seconds" in r.data.metrics for r in stage_runs)
+    assert json.loads((first.run_dir / "ledger.json").read_text())["meta"]["mlflow_complete"] is True

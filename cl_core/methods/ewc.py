@@ -1,0 +1,84 @@
+"""Elastic weight consolidation on the sequential LoRA (Kirkpatrick et al., 2017).
+
+After each task, a diagonal Fisher of the trainable bank parameters is estimated as the mean,
+over the task's batches, of the squared gradient of the objective loss (the empirical Fisher,
+one gradient per batch), and the parameters' values are kept as the anchor θ*. Fishers add up
+over tasks; the anchor is the latest. While training later tasks the loss gains
+
+    lam · Σ_i F_i (θ_i − θ*_i)².
+
+Both live in `model.method_state` under "ewc.fisher.<param>" and "ewc.anchor.<param>", <param>
+being the parameter's key in the bank file (e.g. "layers.0.experts.0.A_gate"), so they travel
+with the bank from stage to stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cl_core.experts import RoutingContext
+from cl_core.methods import register
+from cl_core.methods.seq_lora import SeqLoRA
+from cl_core.model import ContinualModel
+
+FISHER = "ewc.fisher."
+ANCHOR = "ewc.anchor."
+
+
+def expert_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
+    """Expert parameters by their bank-file key."""
+    return {f"layers.{i}.experts.{n}": p for i, layer in enumerate(model.bank.layers)
+            for n, p in layer.experts.named_parameters()}
+
+
+@register
+class EWC(SeqLoRA):
+    name = "ewc"
+
+    def __init__(self, lam: float = 100.0):
+        if lam < 0:
+            raise ValueError("ewc.lam must be >= 0")
+        self.lam = lam
+
+    def penalty(self, model: ContinualModel) -> torch.Tensor | None:
+        """Σ_i F_i (θ_i − θ*_i)² over the parameters with a Fisher; None before the first Fisher."""
+        params = expert_parameters(model)
+        terms = []
+        for key, fisher in model.method_state.items():
+            if not key.startswith(FISHER):
+                continue
+            name = key[len(FISHER):]
+            p = params[name]
+            anchor = model.method_state[ANCHOR + name]
+            # method_state is not moved with the module (e.g. by DeepSpeed): follow the parameter.
+            diff = p.float() - anchor.to(device=p.device, dtype=torch.float32)
+            terms.append((fisher.to(device=p.device, dtype=torch.float32) * diff.pow(2)).sum())
+        return torch.stack(terms).sum() if terms else None
+
+    def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
+        if self.lam == 0:
+            return {}
+        penalty = self.penalty(model)
+        return {} if penalty is None else {"ewc": self.lam * penalty}
+
+    def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
+        params = {k: p for k, p in expert_parameters(model).items() if p.requires_grad}
+        names, tensors = list(params), list(params.values())
+        device = tensors[0].device
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+        count = 0
+        with torch.enable_grad():
+            for batch in batches():
+                batch = {k: v.to(device) for k, v in batch.items()}
+                grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
+                for s, g in zip(sums, grads):
+                    if g is not None:
+                        s.add_(g.detach().float().pow(2))
+                count += 1
+        if count == 0:
+            raise ValueError(f"ewc: task {task} has no training batches to estimate the Fisher from")
+        for name, s, p in zip(names, sums, tensors):
+            fisher = s / count
+            old = model.method_state.get(FISHER + name)
+            model.method_state[FISHER + name] = fisher if old is None else old.to(fisher.device) + fisher
+            model.method_state[ANCHOR + name] = p.detach().float().clone()

@@ -1,0 +1,86 @@
+"""MoCL: a task expert per task, selected by matching a frozen query against learned task keys
+(Wang et al., 2024).
+
+Every layer's `similarity` router keeps one key per task expert and mixes the experts with
+softmax(8 · cos(query, key_k)); the query is `ExpertBank.query` over the prompt tokens only
+(for LM batches attention_mask ∧ labels = -100, so training and evaluation see the same
+tokens). While task t trains, the loss gains match_weight · mean over layers and samples of
+1 − cos(query, key_t), pulling task t's keys towards its inputs; earlier experts and keys are
+frozen. No task id is used for routing; `infer_task_ids` names the task whose keys match best
+(cosines averaged over layers), for the task-inference accuracy and the `inferred` eval mode.
+Keys are router parameters, so they are saved with the bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.methods import Method, register
+from cl_core.model import ContinualModel
+
+
+def prompt_mask(batch: dict) -> torch.Tensor:
+    """The prompt tokens: attention mask, minus answer tokens where the batch has labels."""
+    mask = batch["attention_mask"]
+    if "labels" in batch:
+        mask = mask * (batch["labels"] == -100).to(mask.dtype)
+    return mask
+
+
+def key_tasks(layer) -> list[int]:
+    """The task of each key of a layer's similarity router, in key order."""
+    return [layer.expert_meta[e].task for e in layer.router.keyed_experts]
+
+
+@register
+class MoCL(Method):
+    name = "mocl"
+    router = "similarity"
+    routable = True
+    oracle = False
+
+    def __init__(self, match_weight: float = 1.0):
+        if match_weight < 0:
+            raise ValueError("mocl.match_weight must be >= 0")
+        self.match_weight = match_weight
+
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        name = f"task{task}"
+        if name not in model.bank.expert_names():
+            model.bank.add_expert(ExpertMeta(name=name, kind="task", task=task))
+        model.bank.set_trainable(False)
+        model.bank.set_trainable(True, task=task)
+        for layer in model.bank.layers:
+            for key, owner in zip(layer.router.keys, key_tasks(layer)):
+                key.requires_grad_(owner == task)
+
+    def query(self, model: ContinualModel, batch: dict) -> torch.Tensor:
+        return model.bank.query(batch["input_ids"], prompt_mask(batch))
+
+    def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
+        return {"query": self.query(model, batch)}
+
+    def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
+        if not self.match_weight:
+            return {}
+        task_ids = batch["task_ids"]
+        losses = []
+        for layer in model.bank.layers:
+            column = {t: i for i, t in enumerate(key_tasks(layer))}
+            index = torch.tensor([column[t] for t in task_ids.tolist()], device=task_ids.device)
+            keys = torch.stack(list(layer.router.keys))[index]  # [B, q]: each sample's own task key
+            losses.append((1 - F.cosine_similarity(ctx.query.to(keys.dtype), keys, dim=-1)).mean())
+        return {"match": self.match_weight * torch.stack(losses).mean()}
+
+    @torch.no_grad()
+    def similarities(self, model: ContinualModel, batch: dict) -> tuple[torch.Tensor, list[int]]:
+        """cos(query, key) averaged over layers [B, K], and the task of each key."""
+        query = self.query(model, batch)
+        sims = torch.stack([layer.router.similarities(query) for layer in model.bank.layers]).mean(0)
+        return sims, key_tasks(model.bank.layers[0])
+
+    def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
+        sims, tasks = self.similarities(model, batch)
+        return torch.tensor(tasks, device=sims.device)[sims.argmax(-1)]

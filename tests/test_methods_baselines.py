@@ -1,0 +1,284 @@
+"""The baseline methods on a tiny Llama, run the way the pipeline runs them.
+
+Every task is a stage of its own: a fresh model and a fresh method object, the parent bank
+loaded, `setup_task`, `training_examples`, training, `after_task`, the bank saved. So anything a
+method keeps only on its Python object is lost between tasks, as in the pipeline, and the
+defining behaviour of each method is checked on the bank the last stage wrote.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cl_core.methods import METHODS, build_method
+from cl_core.methods.ewc import ANCHOR, FISHER, expert_parameters
+from cl_core.methods.olora import olora_terms
+from cl_core.methods.replay import replay_buffer
+from cl_core.objectives import LMObjective
+from cl_core.training import Learner, evaluate_task, trainable_parameters
+from tests.conftest import batches, synthetic_task, tiny_model
+
+EPOCHS, LR, BATCH = 4, 1e-2, 8
+TASK1_LABELS = ("w3", "w4", "w5")
+PARAMS = {
+    "seq_lora": {},
+    "per_task_lora": {},
+    "replay": {"buffer_size": 12},
+    "ewc": {"lam": 100.0},
+    "olora": {"lam_orth": 0.5},
+    "mocl": {},
+    "mtl": {},
+}
+BASELINES = sorted(PARAMS)
+
+
+def _data(tok):
+    fmt0, train0 = synthetic_task(tok, 0, 48, seed=1)
+    fmt1, train1 = synthetic_task(tok, 1, 48, seed=2, labels=TASK1_LABELS)
+    _, test0 = synthetic_task(tok, 0, 24, seed=11)
+    _, test1 = synthetic_task(tok, 1, 24, seed=12, labels=TASK1_LABELS)
+    return [fmt0, fmt1], [train0, train1], [test0, test1]
+
+
+def _train(learner: Learner, stream) -> list[dict]:
+    """train_steps, keeping every step's logs (loss terms by name)."""
+    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=LR, weight_decay=0.0)
+    learner.train()
+    logs = []
+    for batch in stream:
+        loss, log = learner(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        logs.append(log)
+    learner.eval()
+    return logs
+
+
+def run_stage(name: str, params: dict, task: int, parent, out, seed: int = 0) -> dict:
+    """One pipeline stage: build, load the parent bank, set up, train, after_task, save."""
+    torch.manual_seed(seed)
+    method = build_method(name, **params)
+    model, tok = tiny_model(method.router)
+    formats, train, test = _data(tok)
+    objective = LMObjective(tok, formats)
+    if parent is not None:
+        model.load(parent)
+    torch.manual_seed(seed * 1000 + task)
+    method.setup_task(model, task)
+    examples = method.training_examples(task, train[task], train[:task], seed)
+    learner = Learner(model, objective, method)
+    before = {k: v.clone() for k, v in model.bank_state_dict().items()}
+    logs = _train(learner, batches(objective.collate, examples, BATCH, epochs=EPOCHS, seed=task))
+    model.eval()
+
+    def loss_fn(batch):
+        with model.bank.routing(attention_mask=batch["attention_mask"],
+                                **method.routing_fields(model, batch, training=True)):
+            return objective.loss(model, batch)
+
+    method.after_task(model, task, lambda: batches(objective.collate, train[task], BATCH), loss_fn)
+    model.tasks.append(f"t{task}")
+    model.save(out)
+    acc = [evaluate_task(model, objective, method, test[t])["accuracy"] for t in range(task + 1)]
+    return {"model": model, "method": method, "objective": objective, "examples": examples, "logs": logs,
+            "before": before, "acc": acc, "train": train, "test": test, "bank": out}
+
+
+_RUNS: dict[str, list[dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """name → [stage 0, stage 1] results, trained once per module."""
+    def get(name: str) -> list[dict]:
+        if name not in _RUNS:
+            root = tmp_path_factory.mktemp(name)
+            s0 = run_stage(name, PARAMS[name], 0, None, root / "bank0")
+            s1 = run_stage(name, PARAMS[name], 1, root / "bank0", root / "bank1")
+            _RUNS[name] = [s0, s1]
+        return _RUNS[name]
+    return get
+
+
+def _experts(state: dict, index: int) -> dict:
+    return {k: v for k, v in state.items() if f".experts.{index}." in k}
+
+
+def _n_experts(model) -> list[int]:
+    return [len(layer.experts) for layer in model.bank.layers]
+
+
+# -- per-method checks -------------------------------------------------------------------------
+def check_seq_lora(s0, s1, tmp_path):
+    assert _n_experts(s1["model"]) == [1, 1] and s1["model"].bank.expert_names() == ["shared"]
+    assert s0["acc"][0] >= 0.9
+    # the one LoRA keeps training on task 1 (and forgets task 0 as it may)
+    assert not all(torch.equal(v, s1["model"].bank_state_dict()[k]) for k, v in _experts(s1["before"], 0).items())
+    assert s1["acc"][1] >= 0.9 and 0.0 <= s1["acc"][0] <= 1.0
+    print(f"seq_lora: task-0 accuracy {s0['acc'][0]:.2f} after task 0, {s1['acc'][0]:.2f} after task 1")
+    # no task id needed: the inferred mode gives the oracle's accuracy
+    m = s1
+    inferred = evaluate_task(m["model"], m["objective"], m["method"], m["test"][0], task_id_mode="inferred")
+    assert inferred["accuracy"] == m["acc"][0]
+
+
+def check_per_task_lora(s0, s1, tmp_path):
+    assert _n_experts(s1["model"]) == [2, 2]
+    state = s1["model"].bank_state_dict()
+    frozen = _experts(s0["model"].bank_state_dict(), 0)
+    assert frozen and all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert s1["acc"][0] == s0["acc"][0] >= 0.9  # task 0 untouched by task 1
+    assert s1["acc"][1] >= 0.9
+
+
+def check_replay(s0, s1, tmp_path):
+    method, train = s1["method"], s1["train"]
+    examples = s1["examples"]
+    replayed = [ex for ex in examples if ex["task"] == 0]
+    assert len(replayed) == 12 and len(examples) == 48 + 12
+    assert all(ex in train[0] for ex in replayed)
+    # deterministic, and a task's buffer does not depend on the task being trained
+    assert method.training_examples(1, train[1], train[:1], 0) == examples
+    assert replay_buffer(train[0], 12, 0, 0) == replay_buffer(train[0], 12, 0, 0) != replay_buffer(train[0], 12, 1, 0)
+    ratio = build_method("replay", ratio=0.5).training_examples(1, train[1], train[:1], 0)
+    assert sum(ex["task"] == 0 for ex in ratio) == 24
+    assert s0["method"].training_examples(0, train[0], [], 0) == sorted(
+        train[0], key=lambda ex: [e is ex for e in s0["examples"]].index(True))  # task 0: nothing to replay
+    with pytest.raises(ValueError, match="not both"):
+        build_method("replay", buffer_size=4, ratio=0.1)
+    print(f"replay: task-0 accuracy {s0['acc'][0]:.2f} after task 0, {s1['acc'][0]:.2f} after task 1")
+
+
+def check_ewc(s0, s1, tmp_path):
+    state = s0["model"].method_state
+    fishers = {k[len(FISHER):]: v for k, v in state.items() if k.startswith(FISHER)}
+    assert len(fishers) == 12 and all(ANCHOR + k in state for k in fishers)  # 2 layers × 6 factors
+    assert all((f >= 0).all() for f in fishers.values()) and sum(float(f.sum()) for f in fishers.values()) > 0
+    # task 1 trained from the same bank with lam = 0 ...
+    free = run_stage("ewc", {"lam": 0.0}, 1, s0["bank"], tmp_path / "free")
+    anchors = {k: state[ANCHOR + k] for k in fishers}
+
+    def distance(model, weighted):
+        params = expert_parameters(model)
+        return sum(float(((fishers[k] if weighted else 1) * (params[k].detach() - a).pow(2)).sum())
+                   for k, a in anchors.items())
+
+    for weighted in (True, False):
+        held, loose = distance(s1["model"], weighted), distance(free["model"], weighted)
+        print(f"ewc: {'Fisher-weighted' if weighted else 'L2'} distance to θ*: lam=100 {held:.4g}, lam=0 {loose:.4g}")
+    assert distance(s1["model"], True) < 0.5 * distance(free["model"], True)
+    assert distance(s1["model"], False) < distance(free["model"], False)
+    assert s1["logs"][0]["loss/ewc"] == 0 < s1["logs"][1]["loss/ewc"] and "loss/ewc" not in s0["logs"][0]
+    # Fishers accumulate: after task 1 each is the task-0 Fisher plus a non-negative one
+    after = s1["model"].method_state
+    assert all((after[FISHER + k] >= f).all() for k, f in fishers.items())
+
+
+def check_olora(s0, s1, tmp_path):
+    assert _n_experts(s1["model"]) == [2, 2]
+    assert s0["logs"][0]["loss/orth"] == 0
+    orth = [log["loss/orth"] for log in s1["logs"]]
+    print(f"olora: orthogonality loss {orth[0]:.4f} at the first step of task 1, {orth[-1]:.4f} at the last")
+    assert orth[0] > 0.05 and orth[-1] < 0.5 * orth[0]
+    state = s1["model"].bank_state_dict()
+    frozen = _experts(s0["model"].bank_state_dict(), 0)
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert s1["acc"][0] == s0["acc"][0] and s1["acc"][1] >= 0.9
+    assert float(olora_terms(s1["model"])[0]) * 0.5 == pytest.approx(orth[-1], rel=0.5)
+
+
+def check_mocl(s0, s1, tmp_path):
+    model, objective, method, test = s1["model"], s1["objective"], s1["method"], s1["test"]
+    assert _n_experts(model) == [2, 2]
+    task_acc = []
+    for t in (0, 1):
+        batch = objective.collate(test[t])
+        task_acc.append(float((method.infer_task_ids(model, batch) == t).float().mean()))
+    match = [log["loss/match"] for log in s1["logs"]]
+    print(f"mocl: task-id accuracy {task_acc}; match loss {match[0]:.3f} → {match[-1]:.3f}")
+    assert min(task_acc) > 0.5 and match[-1] < match[0]
+    # routing uses no task id: the same predictions with ids absent, oracle or inferred
+    for t in (0, 1):
+        inferred = evaluate_task(model, objective, method, test[t], task_id_mode="inferred")
+        assert inferred["accuracy"] == s1["acc"][t]
+    # task 0's expert and keys did not move while task 1 trained
+    state = model.bank_state_dict()
+    frozen = {k: v for k, v in s0["model"].bank_state_dict().items() if ".experts.0." in k or ".keys.0" in k}
+    assert frozen and all(torch.equal(state[k], v) for k, v in frozen.items())
+
+
+def check_mtl(s0, s1, tmp_path):
+    train, examples = s1["train"], s1["examples"]
+    assert sorted(map(repr, examples)) == sorted(map(repr, train[0] + train[1]))
+    assert [ex["task"] for ex in examples] != sorted(ex["task"] for ex in examples)  # shuffled
+    assert s1["method"].training_examples(1, train[1], train[:1], 0) == examples
+    assert _n_experts(s1["model"]) == [1, 1]
+    assert s1["method"].oracle
+    print(f"mtl: accuracy after task 1 {s1['acc']}")
+    assert min(s1["acc"]) >= 0.9
+
+
+CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_defining_behaviour(name, two_tasks, tmp_path):
+    s0, s1 = two_tasks(name)
+    CHECKS[name](s0, s1, tmp_path)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_bank_round_trip(name, two_tasks):
+    """The last stage's bank, loaded into a fresh model, gives identical logits and method state."""
+    s1 = two_tasks(name)[1]
+    model, objective, method = s1["model"], s1["objective"], s1["method"]
+    fresh, _ = tiny_model(method.router)
+    fresh.load(s1["bank"])
+    fresh.eval()
+    assert fresh.structure() == model.structure() and fresh.tasks == ["t0", "t1"]
+    assert set(fresh.method_state) == set(model.method_state)
+    assert all(torch.equal(fresh.method_state[k], v) for k, v in model.method_state.items())
+    batch = objective.collate(s1["test"][0][:4] + s1["test"][1][:4])
+    out = []
+    for m in (model, fresh):
+        fields = build_method(name, **PARAMS[name]).routing_fields(m, batch, training=False)
+        if not method.routable:
+            fields = {"task_ids": batch["task_ids"]}
+        with m.bank.routing(attention_mask=batch["attention_mask"], **fields), torch.no_grad():
+            out.append(m.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    assert torch.equal(out[0], out[1])
+
+
+def test_registered_with_oracle_and_routable_flags():
+    flags = {name: (METHODS[name].oracle, METHODS[name].routable, METHODS[name].router) for name in BASELINES}
+    assert flags == {
+        "ewc": (False, True, "learned"),
+        "mocl": (False, True, "similarity"),
+        "mtl": (True, True, "learned"),
+        "olora": (False, False, "task"),
+        "per_task_lora": (True, False, "task"),
+        "replay": (False, True, "learned"),
+        "seq_lora": (False, True, "learned"),
+    }
+    for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"ratio": -0.1}),
+                      ("mocl", {"match_weight": -1})]:
+        with pytest.raises(ValueError):
+            build_method(name, **bad)
+
+
+def test_setup_task_is_idempotent_and_freezes_earlier_tasks():
+    for name in BASELINES:
+        method = build_method(name, **PARAMS[name])
+        model, _ = tiny_model(method.router)
+        for task in (0, 1, 1):
+            method.setup_task(model, task)
+        per_task = name in ("per_task_lora", "olora", "mocl")
+        assert _n_experts(model) == ([2, 2] if per_task else [1, 1])
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(".experts." in n or ".keys." in n for n in trainable)
+        if per_task:
+            assert all(".experts.1." in n or ".keys.1" in n for n in trainable), trainable
