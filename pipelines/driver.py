@@ -70,15 +70,15 @@ def start_ray(cfg: RunConfig) -> None:
     os.environ.update(stages.RAY_ENV)
     if ray.is_initialized():
         return
-    here = str(Path(__file__).resolve().parents[1])
-    runtime_env = {"env_vars": {**stages.RAY_ENV, "PYTHONPATH": here}}
-    # Under `ray job submit`, RAY_ADDRESS names the cluster. Otherwise start a local Ray: a bare
-    # ray.init() would attach to any `ray start` cluster recorded on this host.
+    # Under `ray job submit`, RAY_ADDRESS names the cluster and the job's runtime_env applies
+    # (cluster/runtime_env.yaml). Otherwise start a local Ray: a bare ray.init() would attach to
+    # any `ray start` cluster recorded on this host.
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address)
     else:
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": stages.RAY_ENV},
+                 log_to_driver=False)
 
 
 class Driver:

@@ -26,13 +26,18 @@ The search file (every field but `space` optional):
     mode: max
     scheduler: none                      # asha | none; asha uses grace_period, reduction_factor
     max_concurrent_trials: 2             # default: as many as the CPUs hold (see below)
-    resources_per_trial: 0.5             # CPUs held by each trial's driver (mostly idle)
+    resources_per_trial: 0               # CPUs held by each trial's driver thread (it mostly waits)
     trial_workers: 1                     # ray.num_workers of every trial
     trial_cpus_per_worker: 0.5           # ray.cpus_per_worker of every trial
 
-A trial needs resources_per_trial + trial_workers × trial_cpus_per_worker CPUs (1.0 with the
-defaults): on 2 CPUs, two trials run at once. More concurrent trials than the CPUs hold would
-deadlock (trial drivers holding the CPUs their workers wait for), so concurrency is capped.
+CPUs per trial. Tune reserves a placement group per trial: its driver (`resources_per_trial`)
+and one bundle of `trial_cpus_per_worker` where the trial's prepare/bank/evaluate Ray tasks run
+(Tune captures a trial's child tasks into its group and refuses those that do not fit). Ray Train
+V2 places the trial's training workers in a group of their own, outside it, while a train stage
+runs. So a trial needs resources_per_trial + (1 + trial_workers) × trial_cpus_per_worker CPUs:
+1.0 with the defaults, so two trials run at once on 2 CPUs (with resources_per_trial 0.5, one).
+More concurrent trials than the CPUs hold would deadlock (trials holding the CPUs their workers
+wait for), so max_concurrent_trials is capped to what fits.
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ class SearchConfig(Strict):
     grace_period: int | None = Field(None, gt=0)
     reduction_factor: float | None = Field(None, gt=1)
     max_concurrent_trials: int | None = Field(None, gt=0)
-    resources_per_trial: float = Field(0.5, gt=0)
+    resources_per_trial: float = Field(0.0, ge=0)
     trial_workers: int = Field(1, gt=0)
     trial_cpus_per_worker: float = Field(0.5, gt=0)
     seed: int = 0
@@ -156,11 +161,11 @@ class SearchConfig(Strict):
         return (1.0 if self.bwt_weight is None else self.bwt_weight) if self.metric == "weighted" else 0.0
 
     def per_trial_cpus(self) -> float:
-        return self.resources_per_trial + self.trial_workers * self.trial_cpus_per_worker
+        return self.resources_per_trial + (1 + self.trial_workers) * self.trial_cpus_per_worker
 
     def identity(self) -> dict:
-        """What shapes the trials and their results (not how many run at once)."""
-        return self.model_dump(mode="json", exclude={"max_concurrent_trials", "resources_per_trial"})
+        """What shapes the trials (not how many run at once: a rerun with another limit resumes)."""
+        return self.model_dump(mode="json", exclude={"max_concurrent_trials"})
 
 
 def set_path(data: dict, path: str, value: Any) -> None:
@@ -273,9 +278,10 @@ def plan_concurrency(search: SearchConfig, cluster_cpus: float) -> int:
     need = search.per_trial_cpus()
     fits = int(math.floor(cluster_cpus / need + 1e-9))
     if fits < 1:
-        raise ConfigError(f"resources_per_trial + trial_workers × trial_cpus_per_worker = "
-                          f"{search.resources_per_trial:g} + {search.trial_workers} × {search.trial_cpus_per_worker:g} "
-                          f"= {need:g} CPUs per trial; the cluster has {cluster_cpus:g}")
+        raise ConfigError(f"resources_per_trial + (1 + trial_workers) × trial_cpus_per_worker = "
+                          f"{search.resources_per_trial:g} + {1 + search.trial_workers} × "
+                          f"{search.trial_cpus_per_worker:g} = {need:g} CPUs per trial; the cluster has "
+                          f"{cluster_cpus:g}")
     if search.max_concurrent_trials is None:
         return fits
     if search.max_concurrent_trials > fits:
@@ -439,7 +445,10 @@ def _prewarm(ctx: dict) -> None:
 def _tuner(ctx: dict, search: SearchConfig, concurrency: int, experiment_dir: Path, n_tasks: int):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": search.resources_per_trial})
+    # The head bundle: the trial's driver; the second: its stage tasks (see the module docstring).
+    resources = tune.PlacementGroupFactory([{"CPU": search.resources_per_trial},
+                                            {"CPU": search.trial_cpus_per_worker}])
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
     if tune.Tuner.can_restore(str(experiment_dir)):
         print(f"resuming the search from {experiment_dir}", flush=True)
         return tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True)
@@ -454,22 +463,23 @@ def _tuner(ctx: dict, search: SearchConfig, concurrency: int, experiment_dir: Pa
         try:
             from ray.tune.search.optuna import OptunaSearch
 
-            algo = OptunaSearch(seed=search.seed)
+            algo = OptunaSearch(seed=search.seed)  # Tune wraps it in a ConcurrencyLimiter
         except (ImportError, AssertionError) as e:
             raise ConfigError(f"search: optuna needs the optuna package (pip install optuna): {e}") from None
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        algo = BasicVariantGenerator(random_state=search.seed)
+        # A SearchGenerator ignores TuneConfig.max_concurrent_trials: it takes its own limit.
+        algo = BasicVariantGenerator(max_concurrent=concurrency, random_state=search.seed)
     return tune.Tuner(
         trainable,
         param_space={path: d.to_tune() for path, d in search.space.items()},
         tune_config=tune.TuneConfig(metric="score", mode=search.mode, num_samples=search.num_samples,
-                                    max_concurrent_trials=concurrency, search_alg=algo, scheduler=scheduler,
+                                    max_concurrent_trials=concurrency if search.search == "optuna" else None, search_alg=algo, scheduler=scheduler,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent), verbose=0,
                                   callbacks=[_progress_callback_class()()],
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
 
 

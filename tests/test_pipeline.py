@@ -203,7 +203,9 @@ def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
         config = tmp_path / "run.yaml"
         config.write_text(yaml.safe_dump(tiny_run("job", tasks=1, ray={"num_workers": 1})))
         clpipe = str(Path(sys.executable).parent / "clpipe")
-        job = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+        runtime_env = json.dumps({"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
+        job = subprocess.run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                              "--runtime-env-json", runtime_env, "--",
                               clpipe, "run", str(config), "--storage", str(tmp_path / "s")],
                              env=env, capture_output=True, text=True, timeout=600)
         assert "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-2000:]

@@ -147,8 +147,8 @@ def run_probe(model: ContinualModel, task: int, batches: Callable[[], Iterable[d
         for layer, old in zip(layers, candidates):
             ref = next(layer.base.parameters())
             probe = LoRAExpert(layer.hidden, layer.intermediate, layer.rank).to(device=ref.device, dtype=ref.dtype)
+            routers.append(_ProbeRouter(layer.hidden, old + [len(layer.experts)], ref))
             layer.experts.append(probe)
-            routers.append(_ProbeRouter(layer.hidden, old + [len(layer.experts) - 1], ref))
             layer.router = routers[-1]
         params = [p for layer in layers for p in layer.experts[-1].parameters()]
         params += [p for r in routers for p in r.parameters()]

@@ -1,0 +1,160 @@
+"""Dual router: a task-level router over task keys, a token-level router within the task's expert
+group, and momentum (EMA) updates that are slow for shared experts and fast for task experts.
+
+Structure. Task 0 adds `shared_experts` shared experts ("shared<i>"); every task adds one expert
+("task<t>") to every layer, and a key k_t ∈ R^q (module "dual_key_<t>", a bias-free
+Linear(q, 1) whose weight is the key).
+
+Routing, two levels.
+- Task level: a sample's task is argmax_t cos(query, k_t), the query being the mean input
+  embedding of its prompt tokens (frozen). Training routes with the true task id; `infer_task_ids`
+  gives the located one (`routable`). While task t trains, k_t learns by
+  key_weight · CE(temperature · cos(query, k), t) over the keys of tasks 0..t (earlier keys frozen).
+- Token level: the bank's `task` router, a learned softmax gate per task over
+  {shared experts, the task's experts}.
+
+Momentum, precisely. `setup_task(t)` copies the live values of the shared experts' and task t's
+experts' LoRA factors into an EMA θ̄ ("dual.ema.<bank key>" in method_state, float32). The live
+parameters then train as usual. After every optimizer step, `after_step` (a proposed trainer hook)
+updates θ̄ ← m·θ̄ + (1 − m)·θ with m = m_shared (default 0.99: slow) for shared experts and
+m = m_task (default 0.5: fast) for task t's experts; it counts the steps ("dual.ema_steps").
+`after_task(t)` writes θ̄ into the live experts (the bank keeps the momentum weights) and drops
+the EMA state. Gates and keys are not averaged. So a shared expert absorbs a task slowly (after
+n steps the task-start value still weighs m_shared^n) while a task expert keeps close to its
+latest weights. θ̄ is in method_state, so it reaches the bank stage with the trained tensors;
+`after_task` refuses to run if no step was averaged (a trainer without the hook would otherwise
+silently reset the experts to their task-start values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.methods import Method, register
+from cl_core.methods.cmoe import prompt_query
+from cl_core.model import ContinualModel
+
+EMA = "dual.ema."
+STEPS = "dual.ema_steps"
+
+
+def key_name(task: int) -> str:
+    return f"dual_key_{task}"
+
+
+@register
+class DualRouter(Method):
+    name = "dual_router"
+    router = "task"
+    routable = True
+    oracle = False
+
+    def __init__(self, shared_experts: int = 1, m_shared: float = 0.99, m_task: float = 0.5,
+                 key_weight: float = 1.0, temperature: float = 8.0):
+        if shared_experts < 0:
+            raise ValueError("dual_router.shared_experts must be >= 0")
+        if not (0 <= m_shared < 1 and 0 <= m_task < 1):
+            raise ValueError("dual_router.m_shared and m_task must be in [0, 1)")
+        if key_weight < 0 or temperature <= 0:
+            raise ValueError("dual_router.key_weight must be >= 0 and temperature > 0")
+        self.shared_experts = shared_experts
+        self.m_shared = m_shared
+        self.m_task = m_task
+        self.key_weight = key_weight
+        self.temperature = temperature
+
+    # -- structure ---------------------------------------------------------------------------
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        names = model.bank.expert_names()
+        if task == 0:
+            for i in range(self.shared_experts):
+                if f"shared{i}" not in names:
+                    model.bank.add_expert(ExpertMeta(name=f"shared{i}", kind="shared"))
+        if f"task{task}" not in names:
+            model.bank.add_expert(ExpertMeta(name=f"task{task}", kind="task", task=task))
+        if key_name(task) not in model.extras:
+            model.add_linear(key_name(task), model.hidden_size, 1, bias=False)
+        model.bank.set_trainable(False)
+        model.bank.set_trainable(True, kind="shared")
+        model.bank.set_trainable(True, task=task)
+        for layer in model.bank.layers:
+            for key, gate in layer.router.gates.items():
+                gate.requires_grad_(key == str(task))
+        for t in range(len(self.keys(model))):
+            model.extras[key_name(t)].requires_grad_(t == task)
+        # The EMA starts at the task-start values of what trains.
+        for key in [k for k in model.method_state if k.startswith(EMA)]:
+            del model.method_state[key]
+        for key, (p, _) in self.averaged(model, task).items():
+            model.method_state[EMA + key] = p.detach().float().clone()
+        model.method_state[STEPS] = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+
+    def averaged(self, model: ContinualModel, task: int) -> dict[str, tuple[torch.nn.Parameter, float]]:
+        """The experts' parameters the EMA tracks while `task` trains, by bank key, with their momentum."""
+        out = {}
+        for i, layer in enumerate(model.bank.layers):
+            for e, meta in enumerate(layer.expert_meta):
+                if meta.kind == "shared" or meta.task == task:
+                    m = self.m_shared if meta.kind == "shared" else self.m_task
+                    for n, p in layer.experts[e].named_parameters():
+                        out[f"layers.{i}.experts.{e}.{n}"] = (p, m)
+        return out
+
+    def _tracked(self, model: ContinualModel) -> list[tuple[str, torch.nn.Parameter, float]]:
+        """(state key, live parameter, momentum) of every EMA entry in method_state."""
+        out = []
+        for key in model.method_state:
+            if not key.startswith(EMA):
+                continue
+            _, i, _, e, n = key[len(EMA):].split(".")
+            layer = model.bank.layers[int(i)]
+            m = self.m_shared if layer.expert_meta[int(e)].kind == "shared" else self.m_task
+            out.append((key, getattr(layer.experts[int(e)], n), m))
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def keys(self, model: ContinualModel) -> list[torch.Tensor]:
+        keys, t = [], 0
+        while key_name(t) in model.extras:
+            keys.append(model.extras[key_name(t)].weight[0])
+            t += 1
+        return keys
+
+    def key_similarities(self, model: ContinualModel, query: torch.Tensor) -> torch.Tensor:
+        """cos(query_b, k_t): [B, T]."""
+        keys = torch.stack(self.keys(model))
+        return F.normalize(query.to(keys.dtype), dim=-1) @ F.normalize(keys, dim=-1).T
+
+    def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
+        if not self.key_weight:
+            return {}
+        sims = self.key_similarities(model, prompt_query(model, batch))
+        return {"key": self.key_weight * F.cross_entropy(self.temperature * sims.float(), batch["task_ids"])}
+
+    @torch.no_grad()
+    def after_step(self, model: ContinualModel) -> None:
+        """θ̄ ← m·θ̄ + (1 − m)·θ for every tracked expert parameter; call after each optimizer step."""
+        for key, p, m in self._tracked(model):
+            ema = model.method_state[key]
+            model.method_state[key] = ema.to(p.device).mul_(m).add_(p.detach().float(), alpha=1 - m)
+        if STEPS in model.method_state:
+            model.method_state[STEPS] += 1
+
+    @torch.no_grad()
+    def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
+        tracked = self._tracked(model)
+        if tracked and int(model.method_state.get(STEPS, 0)) == 0:
+            raise RuntimeError("dual_router: no optimizer step was averaged; the trainer must call "
+                               "method.after_step(model) after every optimizer step")
+        for key, p, _ in tracked:
+            p.copy_(model.method_state.pop(key).to(device=p.device, dtype=p.dtype))
+        model.method_state.pop(STEPS, None)
+
+    # -- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
+        if not self.keys(model):
+            return torch.zeros_like(batch["task_ids"])
+        return self.key_similarities(model, prompt_query(model, batch)).argmax(-1).to(batch["task_ids"].device)

@@ -1,0 +1,129 @@
+"""SETA: shared + task-unique experts under one learned router, with elastic anchoring of the
+shared experts.
+
+Structure. Task 0 adds `shared_experts` shared experts ("shared<i>", kind "shared"); every task
+adds one unique expert ("task<t>", kind "task"). Every layer's `learned` router mixes all of its
+experts (softmax, or top-k if the bank sets top_k) from the token alone, so no task id is needed
+at inference (`routable`); the router's row of an expert is its gate vector.
+
+What trains on task t: its unique expert and router row, the shared experts and their rows.
+Earlier unique experts and their rows are frozen.
+
+Anchoring. After task t, a diagonal Fisher of the shared parameters (the shared experts' LoRA
+factors and their router rows) is estimated as the mean over the task's batches of the squared
+gradient of the objective loss (one gradient per batch), and θ* is their current value. Fishers
+add up over tasks, θ* is the latest. On later tasks the loss gains
+
+    anchor_lambda · Σ_i F_i (θ_i − θ*_i)².
+
+F and θ* live in `model.method_state` as "seta.fisher.<key>" / "seta.anchor.<key>", <key> being
+the parameter's key in the bank file (e.g. "layers.0.experts.0.A_gate", "layers.0.router.rows.0"),
+so they travel with the bank from stage to stage.
+
+`infer_task_ids` returns -1 ("unknown") for every sample: the learned router reads no task id.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.methods import Method, register
+from cl_core.model import ContinualModel
+
+FISHER = "seta.fisher."
+ANCHOR = "seta.anchor."
+
+
+def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
+    """The shared experts' parameters and router rows, by their bank-file key."""
+    params = {}
+    for i, layer in enumerate(model.bank.layers):
+        for e in layer.experts_of(kind="shared"):
+            for n, p in layer.experts[e].named_parameters():
+                params[f"layers.{i}.experts.{e}.{n}"] = p
+            params[f"layers.{i}.router.rows.{e}"] = layer.router.rows[e]
+    return params
+
+
+@register
+class SETA(Method):
+    name = "seta"
+    router = "learned"
+    routable = True
+    oracle = False
+
+    def __init__(self, shared_experts: int = 1, anchor_lambda: float = 100.0):
+        if shared_experts < 1:
+            raise ValueError("seta.shared_experts must be >= 1 (the anchored experts)")
+        if anchor_lambda < 0:
+            raise ValueError("seta.anchor_lambda must be >= 0")
+        self.shared_experts = shared_experts
+        self.anchor_lambda = anchor_lambda
+
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        names = model.bank.expert_names()
+        if task == 0:
+            for i in range(self.shared_experts):
+                if f"shared{i}" not in names:
+                    model.bank.add_expert(ExpertMeta(name=f"shared{i}", kind="shared"))
+        if f"task{task}" not in names:
+            model.bank.add_expert(ExpertMeta(name=f"task{task}", kind="task", task=task))
+        for layer in model.bank.layers:
+            for e, meta in enumerate(layer.expert_meta):
+                trainable = meta.kind == "shared" or meta.task == task
+                layer.experts[e].requires_grad_(trainable)
+                layer.router.rows[e].requires_grad_(trainable)
+
+    def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
+        return {}  # the learned router routes on the tokens alone
+
+    def penalty(self, model: ContinualModel) -> torch.Tensor | None:
+        """Σ_i F_i (θ_i − θ*_i)² over the shared parameters; None before the first Fisher."""
+        terms = []
+        for key, p in shared_parameters(model).items():
+            fisher = model.method_state.get(FISHER + key)
+            if fisher is None:
+                continue
+            # method_state is not moved with the module (e.g. by DeepSpeed): follow the parameter.
+            anchor = model.method_state[ANCHOR + key].to(device=p.device, dtype=torch.float32)
+            terms.append((fisher.to(device=p.device, dtype=torch.float32) * (p.float() - anchor).pow(2)).sum())
+        return torch.stack(terms).sum() if terms else None
+
+    def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
+        if not self.anchor_lambda:
+            return {}
+        penalty = self.penalty(model)
+        return {} if penalty is None else {"anchor": self.anchor_lambda * penalty}
+
+    def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
+        params = shared_parameters(model)
+        names, tensors = list(params), list(params.values())
+        device = tensors[0].device
+        was = [p.requires_grad for p in tensors]
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+        count = 0
+        try:
+            for p in tensors:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                for batch in batches():
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
+                    for s, g in zip(sums, grads):
+                        if g is not None:
+                            s.add_(g.detach().float().pow(2))
+                    count += 1
+        finally:
+            for p, w in zip(tensors, was):
+                p.requires_grad_(w)
+        if count == 0:
+            raise ValueError(f"seta: task {task} has no training batches to estimate the Fisher from")
+        for name, s, p in zip(names, sums, tensors):
+            fisher = s / count
+            old = model.method_state.get(FISHER + name)
+            model.method_state[FISHER + name] = fisher if old is None else old.to(fisher.device) + fisher
+            model.method_state[ANCHOR + name] = p.detach().float().clone()
+
+    def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
+        return torch.full_like(batch["task_ids"], -1)
