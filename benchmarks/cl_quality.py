@@ -1,0 +1,118 @@
+"""Every method through the real pipeline on four real tasks with SmolLM2-135M-Instruct.
+
+    python -m benchmarks.cl_quality [--methods moe_cl,seq_lora] [--train-examples 64] [--test-examples 40]
+
+One fixed budget for all methods (same examples per task, epochs, rank, seed), the `lm`
+objective, two task orders. Writes `benchmarks/results/cl_quality.json` (a list of rows
+{"method", "order", "AA", "BwT", "FwT", "forgetting", "strip_rate", "task_agnostic_AA",
+"trainable_params", "wall_s", "oracle"}, accuracies in points) and `cl_quality.md` (the table).
+Runs finished earlier are reused from the storage folder (each run has its own ledger), so an
+interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cl_core.bank import load_bank
+from cl_core.methods import METHODS
+
+LABELS = {
+    "bbc_news_topic": ["business", "entertainment", "politics", "sports", "tech"],
+    "vader_movieReviewSnippets": ["negative", "positive"],
+    "spamassassin": ["ham", "spam"],
+    "foldoc_subject": ["company", "database", "graphics", "hardware", "language", "mathematics", "networking",
+                       "operating system", "programming", "security"],
+}
+ORDERS = {
+    "order1": ["bbc_news_topic", "vader_movieReviewSnippets", "spamassassin", "foldoc_subject"],
+    "order2": ["foldoc_subject", "spamassassin", "vader_movieReviewSnippets", "bbc_news_topic"],
+}
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+def run_config(method: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int) -> dict:
+    routable = METHODS[method].routable
+    return {
+        "name": f"clq-{method}-{order}",
+        "model": {"kind": "smollm2"},
+        "tasks": [{"name": t, "data": {"train": str(data / t / "train.jsonl"), "test": str(data / t / "test.jsonl")},
+                   "labels": LABELS[t], "max_train_examples": train_examples, "max_test_examples": test_examples}
+                  for t in ORDERS[order]],
+        "objective": "lm",
+        "method": {"name": method},
+        "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
+        "training": {"epochs": epochs, "lr": 5e-4, "batch_size": 8, "max_length": 128, "seed": 0,
+                     "checkpoint_every": 20},
+        "ray": {"num_workers": 1, "cpus_per_worker": 2},
+        "eval": {"task_id": "both" if routable else "oracle", "batch_size": 20},
+    }
+
+
+def bank_size(run_dir: Path, tasks: int) -> int:
+    """Parameters in the final bank (experts, routers, method modules; not method buffers)."""
+    bank_dir = next((run_dir / "banks").glob(f"task{tasks - 1}-*"))
+    manifest, _ = load_bank(bank_dir)
+    return int(sum(np.prod(shape) for key, shape in manifest["shapes"].items() if not key.startswith("state.")))
+
+
+def table(rows: list[dict]) -> str:
+    head = "| method | order | AA | BwT | FwT | forgetting | strip rate | task-agnostic AA | trainable params | wall (s) |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        agnostic = "—" if r["task_agnostic_AA"] is None else f"{r['task_agnostic_AA']:.1f}"
+        name = r["method"] + (" (oracle)" if r["oracle"] else "")
+        lines.append(f"| {name} | {r['order']} | {r['AA']:.1f} | {r['BwT']:+.1f} | {r['FwT']:+.1f} | "
+                     f"{r['forgetting']:.1f} | {r['strip_rate']:.1f} | {agnostic} | {r['trainable_params']:,} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(sorted(METHODS)))
+    parser.add_argument("--orders", default="order1,order2")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--train-examples", type=int, default=64)
+    parser.add_argument("--test-examples", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--storage", type=Path, default=REPO / "runs" / "cl_quality")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    from pipelines.config import parse_config
+    from pipelines.driver import Driver
+
+    rows = []
+    for method in args.methods.split(","):
+        for order in args.orders.split(","):
+            cfg = parse_config(run_config(method, order, args.data, args.train_examples, args.test_examples,
+                                          args.epochs), f"cl_quality/{method}/{order}")
+            start = time.perf_counter()
+            result = Driver(cfg, args.storage).run()
+            oracle = result.summary["oracle"]
+            rows.append({
+                "method": method, "order": order, "AA": oracle["AA"], "BwT": oracle["BwT"], "FwT": oracle["FwT"],
+                "forgetting": oracle["forgetting"], "strip_rate": float(np.mean(result.strip["oracle"])),
+                "task_agnostic_AA": result.summary["inferred"]["AA"] if "inferred" in result.summary else None,
+                "trainable_params": bank_size(result.run_dir, len(cfg.tasks)),
+                "wall_s": sum(result.stage_seconds.values()) or time.perf_counter() - start,
+                "oracle": bool(getattr(METHODS[method], "oracle", False)),
+            })
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))
+            budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
+                      f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr 5e-4, "
+                      f"batch 8, max length 128, seed 0.")
+            (args.out / "cl_quality.md").write_text(f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n")
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
