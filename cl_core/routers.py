@@ -1,7 +1,8 @@
 """Routers: how each token's FFN output mixes the experts of one layer.
 
 - `task`: MoE-CL. Token-wise softmax over {shared experts, the sample's task experts}; one
-  bias-free linear gate d→E per task, N(0, 0.02). Needs the task id.
+  bias-free linear gate d→E per task, N(0, 0.02). Needs the task id. In a layer where a task
+  added no expert (CMoE), the latest earlier task with experts there serves it.
 - `learned`: softmax (or top-k) over all experts of the layer; no task id.
 - `similarity`: MoCL. Per-sample softmax(8·cos(query, key_k)) over task experts, the query being
   frozen features of the input; no task id.
@@ -46,8 +47,21 @@ class TaskRouter(nn.Module):
         nn.init.normal_(gate.weight, std=0.02)
         self.gates[str(meta.task)] = gate
 
+    def group_of(self, task: int) -> int:
+        """The task whose experts and gate serve `task` in this layer: `task` itself or, where it
+        added no expert (CMoE expands some layers only), the latest earlier task that did."""
+        if task in self.task_experts:
+            return task
+        earlier = [t for t in self.task_experts if t < task]
+        if not earlier:
+            raise ValueError(f"task {task} has no experts in this bank (tasks: {sorted(self.task_experts)})")
+        return max(earlier)
+
     def experts_for(self, task: int) -> list[int]:
-        return self.shared + self.task_experts[task]
+        return self.shared + self.task_experts[self.group_of(task)]
+
+    def gate_for(self, task: int) -> nn.Linear:
+        return self.gates[str(self.group_of(task))]
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext, layer: nn.Module) -> Route:
         if ctx.task_ids is None:
@@ -56,11 +70,10 @@ class TaskRouter(nn.Module):
         b, t, _ = x.shape
         tasks = torch.unique(ctx.task_ids).tolist()
         for task in tasks:
-            if task not in self.task_experts:
-                raise ValueError(f"task {task} has no experts in this bank (tasks: {sorted(self.task_experts)})")
+            self.group_of(task)  # raises for a task without experts here or earlier
         if len(tasks) == 1:
             experts = self.experts_for(tasks[0])
-            gates = torch.softmax(self.gates[str(tasks[0])](x), dim=-1)
+            gates = torch.softmax(self.gate_for(tasks[0])(x), dim=-1)
             return Route(gates=gates.reshape(b * t, -1), experts=experts)
         # Mixed-task batch (replay, joint training): dense over the union, zero weight elsewhere.
         experts = sorted({e for task in tasks for e in self.experts_for(task)})
@@ -69,7 +82,7 @@ class TaskRouter(nn.Module):
         for task in tasks:
             cols = torch.tensor([column[e] for e in self.experts_for(task)], device=x.device)
             in_task = (ctx.task_ids == task).to(x.dtype)[:, None, None]
-            weights = torch.softmax(self.gates[str(task)](x), dim=-1) * in_task
+            weights = torch.softmax(self.gate_for(task)(x), dim=-1) * in_task
             gates = gates.index_add(2, cols, weights)
         return Route(gates=gates.reshape(b * t, -1), experts=experts)
 

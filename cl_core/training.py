@@ -3,7 +3,7 @@ Train workers (which wrap `Learner` in a DeepSpeed engine)."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[float]:
-    """A plain single-process loop (AdamW, no weight decay); returns the loss of every step."""
+    """A plain single-process loop (AdamW, no weight decay); returns the loss of every step.
+
+    The method's `after_step` runs after every optimizer step."""
     optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=lr, weight_decay=0.0)
     learner.train()
     losses = []
@@ -52,9 +54,25 @@ def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        learner.method.after_step(learner.model)
         losses.append(float(loss.detach()))
     learner.eval()
     return losses
+
+
+def plan_task(model: ContinualModel, objective, method, task: int, batches: Callable[[], Iterable[dict]]) -> None:
+    """Run the method's `plan_task` (if it has one) before `setup_task`: the objective is set up
+    first, since the probe's loss may need what it adds (e.g. the task's head)."""
+    if not getattr(method, "plans_tasks", False):
+        return
+    objective.setup_task(model, task)
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        with model.bank.routing(attention_mask=batch["attention_mask"],
+                                **method.routing_fields(model, batch, training=True)):
+            return objective.loss(model, batch)
+
+    method.plan_task(model, task, batches, loss_fn)
 
 
 def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: str) -> dict:

@@ -3,7 +3,7 @@
     clpipe run run.yaml [--storage DIR]        run or resume (same command) a task sequence
     clpipe validate run.yaml                   check a config and its data, run nothing
     clpipe status RUN_ID [--storage DIR]       stage states and the accuracy matrix so far
-    clpipe ui [--storage DIR] [--port 5000]    the MLflow UI on the run store, on 127.0.0.1
+    clpipe ui [RUN_ID] [--storage DIR] [--port 5000]   the MLflow UI on the run store, on 127.0.0.1
     clpipe tune run.yaml search.yaml [--storage DIR]
 """
 
@@ -88,6 +88,8 @@ def cmd_status(args) -> int:
 def cmd_ui(args) -> int:
     from pipelines.tracking import default_tracking_uri
 
+    if args.run and not (_storage(args) / args.run / "ledger.json").exists():
+        raise SystemExit(f"no run {args.run!r} under {_storage(args)}")
     uri = default_tracking_uri(_storage(args))
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("ui", help="MLflow UI on the store")
+    p.add_argument("run", nargs="?", help="a run id under --storage (the store is shared by its runs)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)

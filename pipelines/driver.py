@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from cl_core.bank import atomic_write_text
+from cl_core.methods import METHODS
 from cl_core.metrics import cl_summary
 from pipelines import stages
 from pipelines.config import ConfigError, RunConfig
@@ -160,13 +161,19 @@ class Driver:
             untrained=True)))
 
         parent_bank = None
+        plans = getattr(METHODS[cfg.method.name], "plans_tasks", False)
         for t, task in enumerate(cfg.tasks):
+            start_bank = parent_bank  # what train and bank build on: the parent, or the parent + the plan
+            if plans:
+                plan_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}.plan")
+                start_bank = self.stage(f"task{t}/plan", lambda _, t=t: ray.get(stages.plan.options(**opts).remote(
+                    self.cfg_dict, t, base, parent_bank, data[t], plan_dir)))["path"]
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
-                cfg, t, base, data, parent_bank, self.run_dir / "ray_train",
+                cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
             built = self.stage(f"task{t}/bank", lambda _, t=t: ray.get(stages.bank.options(**opts).remote(
-                self.cfg_dict, t, base, parent_bank, trained["tensors"], data[t], bank_dir)))
+                self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir)))
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")

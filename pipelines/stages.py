@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cl_core.bank import BankError, atomic_write_text, load_bank
 from cl_core.models import ModelSpec, load_tokenizer
-from cl_core.training import evaluate_task
+from cl_core.training import evaluate_task, plan_task
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
@@ -92,6 +92,37 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
             "final_loss": result.metrics["loss"], "resumed_from": result.metrics["resumed_from"],
             "partitioned_params": result.metrics["partitioned_params"],
             "compute_s": result.metrics["compute_s"]}
+
+
+@ray.remote
+def plan(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, data_path: str, out_dir: str) -> dict:
+    """The method's `plan_task` (e.g. CMoE's probe) on the earlier tasks' bank → that bank plus the
+    plan in its method state: the parent of the task's train and bank stages."""
+    start = time.perf_counter()
+    _threads()
+    cfg = RunConfig.model_validate(cfg_dict)
+    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank))
+    model = stage.model
+    model.to(_device(cfg))
+    examples = load_prepared(data_path, "train")
+
+    def batches():
+        size = cfg.training.batch_size
+        for s in range(0, len(examples), size):
+            yield stage.objective.collate(examples[s:s + size])
+
+    extras = set(model.extras)
+    model.eval()
+    torch.manual_seed(cfg.training.seed * 1000 + task)
+    plan_task(model, stage.objective, stage.method, task, batches)
+    for name in set(model.extras) - extras:  # what the objective added for the probe (a head) is not kept
+        del model.extras[name]
+        del model.extra_specs[name]
+    manifest = model.save(Path(out_dir), parent=parent_bank,
+                          extra={"task": task, "method": cfg.method.name, "plan": True})
+    load_bank(Path(out_dir), model.identity)
+    return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
+            "compute_s": time.perf_counter() - start}
 
 
 @ray.remote

@@ -107,7 +107,7 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch.distributed as dist
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     skip_shm_jit()
     cfg = RunConfig.model_validate(config["run_config"])
@@ -137,6 +137,11 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=False)
             start = json.loads((Path(d) / PROGRESS).read_text())["step"]
+            # Method state (e.g. dual_router's EMA) is not a module buffer: restore it from the bank tensors.
+            if (Path(d) / BANK_TENSORS).exists():
+                saved = load_file(str(Path(d) / BANK_TENSORS))
+                stage.model.method_state = {k[6:]: v.to(engine.device) for k, v in saved.items()
+                                            if k.startswith("state.")}
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
 
     tracker = config.get("mlflow")
@@ -151,7 +156,10 @@ def train_loop(config: dict) -> None:
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
         loss, logs = engine(batch)
         engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
         engine.step()
+        if boundary:  # an optimizer step happened
+            stage.method.after_step(stage.model)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         logs["loss"] = float(mean) / world

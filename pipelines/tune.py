@@ -168,6 +168,53 @@ class SearchConfig(Strict):
         return self.model_dump(mode="json", exclude={"max_concurrent_trials"})
 
 
+def check_path(path: str) -> None:
+    """The dotted path against the run config's schema: each part a field of its section (free-form
+    sections such as method.params are left to the config check), digits index lists."""
+    from pydantic import BaseModel
+
+    node: Any = RunConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if node is None:
+            raise ConfigError(f"{'.'.join(parts[:i])}: is a value, not a section; {path} does not exist")
+        if node == "list":
+            node = list_item
+            if not part.isdigit():
+                raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a list; index it with a number")
+            continue
+        if node == "free":
+            return
+        if part not in node.model_fields:
+            raise ConfigError(f"{where}: unknown field; {'.'.join(parts[:i]) or 'the run config'} has "
+                              f"{', '.join(node.model_fields)}")
+        node, list_item = _section(node.model_fields[part].annotation, BaseModel)
+
+
+def _section(annotation, base_model) -> tuple[Any, Any]:
+    """A field's type as a path step: (model class | "list" | "free" | None for a value, list item model)."""
+    import types
+    import typing
+
+    def is_model(a):
+        return isinstance(a, type) and issubclass(a, base_model)
+
+    origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
+    if is_model(annotation):
+        return annotation, None
+    if origin is list and args and is_model(args[0]):
+        return "list", args[0]
+    if origin is dict or annotation is dict:
+        return "free", None
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            step = _section(a, base_model)
+            if step[0] is not None:
+                return step
+    return None, None
+
+
 def set_path(data: dict, path: str, value: Any) -> None:
     """data[a][b][c] = value for path "a.b.c"; missing sections are created (the run config's schema
     then says whether they exist); digits index lists (`tasks.1.max_train_examples`)."""
@@ -228,6 +275,10 @@ def validate_search(search_data: Any, base_data: dict, search_source: str = "<se
     base_dir = base_dir or Path.cwd()
     base_cfg = _check_run_config(copy.deepcopy(base_data), run_source, base_dir)
     for path, domain in search.space.items():
+        try:
+            check_path(path)
+        except ConfigError as e:
+            raise ConfigError(f"{search_source}: space.{path}: not a field of the run config: {e}") from None
         for value in domain.probe_values():
             try:
                 _check_run_config(apply_params(base_data, {path: value}), f"{run_source} with {path}={value!r}",
@@ -363,7 +414,8 @@ def run_trial(params: dict, ctx: dict) -> None:
                          **_partial_scores(rows, t, ctx["weight"])})
 
     # Two trials with the same params (random/optuna can draw them) share one run folder: one at a time.
-    with open(trials_dir / f"{cfg.run_id}.lock", "w") as lock:
+    (trials_dir / cfg.run_id).mkdir(exist_ok=True)
+    with open(trials_dir / cfg.run_id / ".trial.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated).run()
     final = result.summary["oracle"]
@@ -594,7 +646,9 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
         data["mlflow"] = (base_cfg.mlflow.model_dump())
         header = (f"# Best trial of search {sid}: {best['trial']} ({_short({p: best[p] for p in paths})}), "
                   f"score {best['score']:.2f}, AA {best['AA']:.2f}, BwT {best['BwT']:+.2f}.\n"
-                  f"# Its run folder: {storage / 'trials' / best_cfg.run_id}. Run it again with\n"
+                  f"# Its run folder: {storage / 'trials' / best_cfg.run_id}. ray.* is the trial's "
+                  f"({best_cfg.ray.num_workers} × {best_cfg.ray.cpus_per_worker:g} CPU); changing it changes the run id.\n"
+                  f"# Run it again with\n"
                   f"#   clpipe run {out_dir / 'best.yaml'} --storage DIR\n")
         (out_dir / "best.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
         load_config(out_dir / "best.yaml")  # it must load as written

@@ -238,3 +238,27 @@ def test_mlflow_down_mid_run_loses_no_training_and_a_rerun_reconciles(ray_local,
     stage_runs = [r for r in runs if "clpipe.stage" in r.data.tags]
     assert len(stage_runs) == 6 and all("stage/seconds" in r.data.metrics for r in stage_runs)
     assert json.loads((first.run_dir / "ledger.json").read_text())["meta"]["mlflow_complete"] is True
+
+
+def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
+    import urllib.request
+
+    port = _free_port()
+    ui = subprocess.Popen(CLPIPE + ["ui", "--storage", str(tmp_path), "--port", str(port)], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            except OSError:
+                time.sleep(0.5)
+        assert body == b"OK"
+        listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        ui.send_signal(signal.SIGINT)
+        assert ui.wait(30) == 0
+    time.sleep(1)
+    server_left = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {port}" not in server_left

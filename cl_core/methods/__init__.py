@@ -20,6 +20,14 @@ class Method:
     name: str
     router = "task"  # the bank router kind this method needs
     routable = False  # can it route without a task id at inference?
+    plans_tasks = False  # does `plan_task` need to run before `setup_task`?
+
+    def plan_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
+                  loss_fn: Callable[[dict], torch.Tensor]) -> None:
+        """Before `setup_task(task)`, once per task, with the bank as earlier tasks left it and the
+        task's training data (e.g. CMoE's probe). `setup_task` runs again in later stages, so every
+        decision it needs goes to `model.method_state`; the bank's structure must not change here.
+        Called only where `plans_tasks` is true."""
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         """Before training task `task`: grow the bank, add modules, set what trains."""
@@ -35,6 +43,10 @@ class Method:
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
         """The examples to train task `task` on, given every earlier task's training examples."""
         return current
+
+    def after_step(self, model: ContinualModel) -> None:
+        """After every optimizer step while training (e.g. momentum copies of experts). State that
+        `after_task` needs goes to `model.method_state`: it reaches the bank stage with the trained tensors."""
 
     def after_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
                    loss_fn: Callable[[dict], torch.Tensor]) -> None:

@@ -9,7 +9,10 @@ Routing, two levels.
 - Task level: a sample's task is argmax_t cos(query, k_t), the query being the mean input
   embedding of its prompt tokens (frozen). Training routes with the true task id; `infer_task_ids`
   gives the located one (`routable`). While task t trains, k_t learns by
-  key_weight · CE(temperature · cos(query, k), t) over the keys of tasks 0..t (earlier keys frozen).
+  key_weight · [mean(1 − cos(query, k_t)) + CE(temperature · cos(query, k), t)], the cross-entropy
+  over the keys of tasks 0..t (earlier keys frozen): the first term pulls k_t towards its task's
+  queries (the only signal at task 0, where a softmax over one key is constant), the second
+  pushes it away from the earlier keys.
 - Token level: the bank's `task` router, a learned softmax gate per task over
   {shared experts, the task's experts}.
 
@@ -130,8 +133,10 @@ class DualRouter(Method):
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if not self.key_weight:
             return {}
-        sims = self.key_similarities(model, prompt_query(model, batch))
-        return {"key": self.key_weight * F.cross_entropy(self.temperature * sims.float(), batch["task_ids"])}
+        sims = self.key_similarities(model, prompt_query(model, batch)).float()
+        own = sims.gather(1, batch["task_ids"][:, None]).squeeze(1)
+        loss = (1 - own).mean() + F.cross_entropy(self.temperature * sims, batch["task_ids"])
+        return {"key": self.key_weight * loss}
 
     @torch.no_grad()
     def after_step(self, model: ContinualModel) -> None:

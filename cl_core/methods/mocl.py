@@ -9,6 +9,11 @@ tokens). While task t trains, the loss gains match_weight · mean over layers an
 frozen. No task id is used for routing; `infer_task_ids` names the task whose keys match best
 (cosines averaged over layers), for the task-inference accuracy and the `inferred` eval mode.
 Keys are router parameters, so they are saved with the bank.
+
+A new task's keys (uniform(-1, 1) from the router) are scaled by `key_scale` (0.01). Routing
+reads only a key's direction, but Adam moves every coordinate by about lr per step, so keys of
+coordinates ~1 need ~1/lr steps to turn towards their task; small keys turn within a few dozen
+(in effect a larger learning rate for the keys). key_scale=1 keeps the router's init.
 """
 
 from __future__ import annotations
@@ -41,15 +46,21 @@ class MoCL(Method):
     routable = True
     oracle = False
 
-    def __init__(self, match_weight: float = 1.0):
+    def __init__(self, match_weight: float = 1.0, key_scale: float = 0.01):
         if match_weight < 0:
             raise ValueError("mocl.match_weight must be >= 0")
+        if key_scale <= 0:
+            raise ValueError("mocl.key_scale must be > 0")
         self.match_weight = match_weight
+        self.key_scale = key_scale
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         name = f"task{task}"
         if name not in model.bank.expert_names():
             model.bank.add_expert(ExpertMeta(name=name, kind="task", task=task))
+            with torch.no_grad():
+                for layer in model.bank.layers:
+                    layer.router.keys[-1].mul_(self.key_scale)
         model.bank.set_trainable(False)
         model.bank.set_trainable(True, task=task)
         for layer in model.bank.layers:
