@@ -93,11 +93,12 @@ def cmd_ui(args) -> int:
     uri = default_tracking_uri(_storage(args))
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port),
+               "--port", str(args.port), "--workers", "1",
                "--default-artifact-root", (_storage(args) / "mlartifacts").as_uri()]
     # Own process group: mlflow leaves workers behind on SIGTERM to the parent; stop the group.
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -109,6 +110,10 @@ def cmd_ui(args) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so that `kill` stops the server group as Ctrl-C does
 
 
 def cmd_tune(args) -> int:

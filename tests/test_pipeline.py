@@ -247,7 +247,7 @@ def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
     ui = subprocess.Popen(CLPIPE + ["ui", "--storage", str(tmp_path), "--port", str(port)], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline, body = time.time() + 90, None
+        deadline, body = time.time() + 240, None
         while time.time() < deadline and body is None:
             try:
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
@@ -257,8 +257,8 @@ def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
         listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
     finally:
-        ui.send_signal(signal.SIGINT)
-        assert ui.wait(30) == 0
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(60) == 0
     time.sleep(1)
     server_left = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port}" not in server_left
