@@ -275,8 +275,9 @@ def test_registered_with_oracle_and_routable_flags():
         "replay": (False, True, "learned"),
         "seq_lora": (False, True, "learned"),
     }
+    assert {name for name in BASELINES if getattr(METHODS[name], "mixes_tasks", False)} == {"replay", "mtl"}
     for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"ratio": -0.1}),
-                      ("mocl", {"match_weight": -1})]:
+                      ("mocl", {"match_weight": -1}), ("mocl", {"key_scale": 0})]:
         with pytest.raises(ValueError):
             build_method(name, **bad)
 

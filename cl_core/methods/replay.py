@@ -30,6 +30,7 @@ def replay_buffer(examples: list[dict], size: int, seed: int, task: int) -> list
 @register
 class Replay(SeqLoRA):
     name = "replay"
+    mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
 
     def __init__(self, buffer_size: int | None = None, ratio: float | None = None):
         if buffer_size is not None and ratio is not None:
