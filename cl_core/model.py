@@ -45,6 +45,11 @@ class ContinualModel(nn.Module):
         self.method_state: dict[str, torch.Tensor] = {}
         self.tasks: list[str] = []
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`/`.cuda()` also move method_state (a plain dict, so nn.Module would not)."""
+        self.method_state = {k: fn(v) for k, v in self.method_state.items()}
+        return super()._apply(fn, recurse)
+
     @property
     def hidden_size(self) -> int:
         return self.lm.get_input_embeddings().embedding_dim

@@ -202,6 +202,13 @@ class RunConfig(Strict):
             seen.add(t.name)
         return tasks
 
+    @model_validator(mode="after")
+    def _objective_fits_method(self):
+        if self.objective == "head" and getattr(METHODS[self.method.name], "mixes_tasks", False):
+            raise ValueError(f"objective: 'head' needs batches of one task; method {self.method.name} mixes "
+                             f"tasks in a batch: use objective 'lm'")
+        return self
+
     def identity_hash(self) -> str:
         """Hash of everything that shapes the results; where they run and are tracked does not count."""
         payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True})
