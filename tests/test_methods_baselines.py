@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from cl_core.methods import METHODS, build_method
-from cl_core.methods.ewc import ANCHOR, FISHER, expert_parameters
+from cl_core.methods.ewc import PREFIX, expert_parameters
+
+FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
 from cl_core.methods.olora import olora_terms
 from cl_core.methods.replay import replay_buffer
 from cl_core.objectives import LMObjective

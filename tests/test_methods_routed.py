@@ -10,7 +10,9 @@ from cl_core.bank import BankConfig
 from cl_core.methods import build_method
 from cl_core.methods.cmoe import LOC_MEAN, PLAN, probe_layers
 from cl_core.methods.dual_router import EMA, STEPS
-from cl_core.methods.seta import ANCHOR, FISHER, shared_parameters
+from cl_core.methods.seta import PREFIX, shared_parameters
+
+FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
 from cl_core.model import ContinualModel
 from cl_core.models import ModelSpec, load_base_model
 from cl_core.objectives import LMObjective, collate_prompts

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from cl_core.anchoring import anchor_penalty, store_fisher
 from cl_core.experts import RoutingContext
 from cl_core.methods import register
 from cl_core.methods.seq_lora import SeqLoRA
 from cl_core.model import ContinualModel
 
-FISHER = "ewc.fisher."
-ANCHOR = "ewc.anchor."
+PREFIX = "ewc."
 
 
 def expert_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
@@ -41,19 +41,7 @@ class EWC(SeqLoRA):
         self.lam = lam
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
-        """Σ_i F_i (θ_i − θ*_i)² over the parameters with a Fisher; None before the first Fisher."""
-        params = expert_parameters(model)
-        terms = []
-        for key, fisher in model.method_state.items():
-            if not key.startswith(FISHER):
-                continue
-            name = key[len(FISHER):]
-            p = params[name]
-            anchor = model.method_state[ANCHOR + name]
-            # method_state is not moved with the module (e.g. by DeepSpeed): follow the parameter.
-            diff = p.float() - anchor.to(device=p.device, dtype=torch.float32)
-            terms.append((fisher.to(device=p.device, dtype=torch.float32) * diff.pow(2)).sum())
-        return torch.stack(terms).sum() if terms else None
+        return anchor_penalty(model, PREFIX, expert_parameters(model))
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if self.lam == 0:
@@ -63,22 +51,4 @@ class EWC(SeqLoRA):
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
         params = {k: p for k, p in expert_parameters(model).items() if p.requires_grad}
-        names, tensors = list(params), list(params.values())
-        device = tensors[0].device
-        sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-        count = 0
-        with torch.enable_grad():
-            for batch in batches():
-                batch = {k: v.to(device) for k, v in batch.items()}
-                grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
-                for s, g in zip(sums, grads):
-                    if g is not None:
-                        s.add_(g.detach().float().pow(2))
-                count += 1
-        if count == 0:
-            raise ValueError(f"ewc: task {task} has no training batches to estimate the Fisher from")
-        for name, s, p in zip(names, sums, tensors):
-            fisher = s / count
-            old = model.method_state.get(FISHER + name)
-            model.method_state[FISHER + name] = fisher if old is None else old.to(fisher.device) + fisher
-            model.method_state[ANCHOR + name] = p.detach().float().clone()
+        store_fisher(model, PREFIX, params, batches, loss_fn)

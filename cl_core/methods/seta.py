@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from cl_core.anchoring import anchor_penalty, store_fisher
 from cl_core.experts import ExpertMeta, RoutingContext
 from cl_core.methods import Method, register
 from cl_core.model import ContinualModel
 
-FISHER = "seta.fisher."
-ANCHOR = "seta.anchor."
+PREFIX = "seta."
 
 
 def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
@@ -79,16 +79,7 @@ class SETA(Method):
         return {}  # the learned router routes on the tokens alone
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
-        """Σ_i F_i (θ_i − θ*_i)² over the shared parameters; None before the first Fisher."""
-        terms = []
-        for key, p in shared_parameters(model).items():
-            fisher = model.method_state.get(FISHER + key)
-            if fisher is None:
-                continue
-            # method_state is not moved with the module (e.g. by DeepSpeed): follow the parameter.
-            anchor = model.method_state[ANCHOR + key].to(device=p.device, dtype=torch.float32)
-            terms.append((fisher.to(device=p.device, dtype=torch.float32) * (p.float() - anchor).pow(2)).sum())
-        return torch.stack(terms).sum() if terms else None
+        return anchor_penalty(model, PREFIX, shared_parameters(model))
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if not self.anchor_lambda:
@@ -97,33 +88,7 @@ class SETA(Method):
         return {} if penalty is None else {"anchor": self.anchor_lambda * penalty}
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
-        params = shared_parameters(model)
-        names, tensors = list(params), list(params.values())
-        device = tensors[0].device
-        was = [p.requires_grad for p in tensors]
-        sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-        count = 0
-        try:
-            for p in tensors:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                for batch in batches():
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
-                    for s, g in zip(sums, grads):
-                        if g is not None:
-                            s.add_(g.detach().float().pow(2))
-                    count += 1
-        finally:
-            for p, w in zip(tensors, was):
-                p.requires_grad_(w)
-        if count == 0:
-            raise ValueError(f"seta: task {task} has no training batches to estimate the Fisher from")
-        for name, s, p in zip(names, sums, tensors):
-            fisher = s / count
-            old = model.method_state.get(FISHER + name)
-            model.method_state[FISHER + name] = fisher if old is None else old.to(fisher.device) + fisher
-            model.method_state[ANCHOR + name] = p.detach().float().clone()
+        store_fisher(model, PREFIX, shared_parameters(model), batches, loss_fn)
 
     def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
         return torch.full_like(batch["task_ids"], -1)
