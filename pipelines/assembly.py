@@ -50,7 +50,12 @@ def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "clpipe_source.json").write_text(json.dumps({"source": spec.source}))
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process materialized the same model meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
     return ModelSpec(kind="hf", path=str(out), dtype=spec.dtype)
 
 

@@ -185,7 +185,13 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
         datasets.Dataset.from_list(encoded).save_to_disk(str(tmp / split))
         summary["splits"][split] = {"rows": len(encoded), "skipped": dict(checked.skipped)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out)  # the directory appears complete or not at all
+    try:
+        os.replace(tmp, out)  # the directory appears complete or not at all
+    except OSError:  # another process (a concurrent Tune trial) prepared the same task meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not summary_file.exists():
+            raise
+        return json.loads(summary_file.read_text())
     return summary
 
 

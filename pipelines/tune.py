@@ -154,6 +154,14 @@ class SearchConfig(Strict):
         for path in self.space:
             if not path or any(not part for part in path.split(".")):
                 raise ValueError(f"space.{path}: not a dotted run-config path such as training.lr")
+            top = path.split(".")[0]
+            if top == "name":
+                raise ValueError("space.name: clpipe tune names each trial itself (<name>-trial-<params hash>)")
+            if top == "mlflow":
+                raise ValueError(f"space.{path}: mlflow.* does not change a run's results; nothing to search")
+            if top == "ray":
+                raise ValueError(f"space.{path}: set the trials' Ray resources with trial_workers and "
+                                 f"trial_cpus_per_worker (they decide how many trials fit at once)")
         return self
 
     @property
@@ -357,7 +365,7 @@ def _trial_data(base_data: dict, base_name: str, params: dict, search: SearchCon
     data["name"] = f"{base_name}-trial-{params_hash(params)}"
     ray_section = data.get("ray") or {}
     data["ray"] = {**ray_section, "num_workers": s["trial_workers"], "cpus_per_worker": s["trial_cpus_per_worker"]}
-    return apply_params(data, params)  # a searched ray.* field wins over the trial defaults
+    return apply_params(data, params)
 
 
 def trial_config(ctx: dict, params: dict) -> RunConfig:
@@ -620,7 +628,9 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
               f"up to {concurrency} trials at once ({search.per_trial_cpus():g} CPUs each); storage {storage}",
               flush=True)
         _prewarm(ctx)
-        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = os.environ.get("CLPIPE_TUNE_CHECKPOINT_S", "1")
+        # Tune's experiment state every second (default: adaptive, can be minutes): a killed search
+        # then restores with its finished trials marked finished.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         tuner = _tuner(ctx, search, concurrency, storage / "tune" / sid, n_tasks)
         results = tuner.fit()
 

@@ -53,6 +53,9 @@ GRID = {"method.params.experts_per_task": {"grid": [1, 2]}, "method.params.adv_w
     ({"space": {"tasks.5.name": {"grid": ["x"]}}}, r"space.tasks.5.name: .*no item 5"),
     ({"space": {"tasks.name": {"grid": ["x"]}}}, r"space.tasks.name: .*tasks is a list; index it with a number"),
     ({"space": {"method.params.shared_experts": {"grid": [0]}}}, r"shared_experts must be >= 1"),
+    ({"space": {"name": {"grid": ["a", "b"]}}}, r"space.name: clpipe tune names each trial"),
+    ({"space": {"ray.num_workers": {"grid": [1, 2]}}}, r"space.ray.num_workers: set the trials' Ray resources with"),
+    ({"space": {"mlflow.experiment": {"grid": ["a"]}}}, r"does not change a run's results"),
 ])
 def test_bad_search_files_name_the_problem(search, message):
     with pytest.raises(ConfigError, match=message):
