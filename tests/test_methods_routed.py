@@ -113,7 +113,7 @@ def _anchor_distance(model) -> tuple[float, float]:
 def test_seta_structure_freezing_and_fisher(seta_task0):
     model, method = _seta_task1(seta_task0, 100.0)
     layer = model.bank.layers[0]
-    assert [m.name for m in layer.expert_meta] == ["shared0", "task0", "task1"]
+    assert [m.name for m in layer.expert_meta] == ["shared0", "task0.0", "task1.0"]
     assert not any(p.requires_grad for p in layer.experts[1].parameters()) and not layer.router.rows[1].requires_grad
     assert all(p.requires_grad for e in (0, 2) for p in layer.experts[e].parameters())
     fisher = [v for k, v in model.method_state.items() if k.startswith(FISHER)]

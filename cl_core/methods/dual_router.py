@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.experts import RoutingContext
 from cl_core.methods import Method, register
+from cl_core.methods.moe_cl import add_task_experts
 from cl_core.methods.cmoe import prompt_query
 from cl_core.model import ContinualModel
 
@@ -70,13 +71,7 @@ class DualRouter(Method):
 
     # -- structure ---------------------------------------------------------------------------
     def setup_task(self, model: ContinualModel, task: int) -> None:
-        names = model.bank.expert_names()
-        if task == 0:
-            for i in range(self.shared_experts):
-                if f"shared{i}" not in names:
-                    model.bank.add_expert(ExpertMeta(name=f"shared{i}", kind="shared"))
-        if f"task{task}" not in names:
-            model.bank.add_expert(ExpertMeta(name=f"task{task}", kind="task", task=task))
+        add_task_experts(model, task, self.shared_experts)
         if key_name(task) not in model.extras:
             model.add_linear(key_name(task), model.hidden_size, 1, bias=False)
         model.bank.set_trainable(False)

@@ -48,13 +48,15 @@ def discriminator_input(features: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(features, features.shape[-1:])
 
 
-def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int) -> None:
-    """Shared experts at the first task, then `experts_per_task` new experts for `task`."""
-    if task == 0:
-        for i in range(shared_experts):
-            model.bank.add_expert(ExpertMeta(name=f"shared{i}", kind="shared"))
-    for j in range(experts_per_task):
-        model.bank.add_expert(ExpertMeta(name=f"task{task}.{j}", kind="task", task=task))
+def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int = 1) -> None:
+    """Shared experts at the first task, then `experts_per_task` new experts for `task`; experts
+    the bank already has (e.g. loaded from a saved bank) are not added again."""
+    names = model.bank.expert_names()
+    wanted = [ExpertMeta(name=f"shared{i}", kind="shared") for i in range(shared_experts if task == 0 else 0)]
+    wanted += [ExpertMeta(name=f"task{task}.{j}", kind="task", task=task) for j in range(experts_per_task)]
+    for meta in wanted:
+        if meta.name not in names:
+            model.bank.add_expert(meta)
 
 
 def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:

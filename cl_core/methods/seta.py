@@ -2,7 +2,7 @@
 shared experts.
 
 Structure. Task 0 adds `shared_experts` shared experts ("shared<i>", kind "shared"); every task
-adds one unique expert ("task<t>", kind "task"). Every layer's `learned` router mixes all of its
+adds one unique expert ("task<t>.0", kind "task"). Every layer's `learned` router mixes all of its
 experts (softmax, or top-k if the bank sets top_k) from the token alone, so no task id is needed
 at inference (`routable`); the router's row of an expert is its gate vector.
 
@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 
 from cl_core.anchoring import anchor_penalty, store_fisher
-from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.experts import RoutingContext
 from cl_core.methods import Method, register
+from cl_core.methods.moe_cl import add_task_experts
 from cl_core.model import ContinualModel
 
 PREFIX = "seta."
@@ -62,13 +63,7 @@ class SETA(Method):
         self.anchor_lambda = anchor_lambda
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
-        names = model.bank.expert_names()
-        if task == 0:
-            for i in range(self.shared_experts):
-                if f"shared{i}" not in names:
-                    model.bank.add_expert(ExpertMeta(name=f"shared{i}", kind="shared"))
-        if f"task{task}" not in names:
-            model.bank.add_expert(ExpertMeta(name=f"task{task}", kind="task", task=task))
+        add_task_experts(model, task, self.shared_experts)
         for layer in model.bank.layers:
             for e, meta in enumerate(layer.expert_meta):
                 trainable = meta.kind == "shared" or meta.task == task
