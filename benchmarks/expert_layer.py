@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the whole-model step (loads SmolLM2-135M)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds of the layer variants")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds of the layer variants")
-    # A model step takes about 5 s per variant: fewer rounds keep the whole run near 3 minutes.
+    # A model step takes about 4 s per variant on an idle machine: 1 + 5 rounds keep the whole run
+    # under 2 minutes there.
     parser.add_argument("--model-warmup", type=int, default=1)
     parser.add_argument("--model-repeats", type=int, default=5)
     args = parser.parse_args()

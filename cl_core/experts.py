@@ -140,20 +140,28 @@ class MixtureFFN(nn.Module):
             out = self._topk(xd, gate_base, up_base, route)
         return out.reshape(shape)
 
-    def _stack(self, experts: list[int], name: str) -> torch.Tensor:
-        return torch.stack([getattr(self.experts[e], name) for e in experts])
+    def _stack(self, experts: list[int], name: str, transpose: bool = False) -> torch.Tensor:
+        return torch.stack([getattr(self.experts[e], name).T if transpose else getattr(self.experts[e], name)
+                            for e in experts])
 
     def _expert_hidden(self, xd, gate_base, up_base, experts: list[int]) -> torch.Tensor:
-        """h_k for each listed expert, batched: [E, N, I]."""
+        """h_k for each listed expert, batched: [E, N, I].
+
+        The scaling goes on the [E, N, r] rank activations and baddbmm adds the base inside the
+        matmul: no extra passes over [E, N, I]. B is stacked transposed ([E, r, I], contiguous) so
+        that the backward's [E, N, I] @ [E, I, r] product gets the fast transposed-operand layout.
+        """
         s = self.scaling
-        d_gate = (xd @ self._stack(experts, "A_gate").transpose(1, 2)) @ self._stack(experts, "B_gate").transpose(1, 2)
-        d_up = (xd @ self._stack(experts, "A_up").transpose(1, 2)) @ self._stack(experts, "B_up").transpose(1, 2)
-        return self.base.act_fn(gate_base + s * d_gate) * (up_base + s * d_up)
+        gate = torch.baddbmm(gate_base, s * (xd @ self._stack(experts, "A_gate").transpose(1, 2)),
+                             self._stack(experts, "B_gate", transpose=True))
+        up = torch.baddbmm(up_base, s * (xd @ self._stack(experts, "A_up").transpose(1, 2)),
+                           self._stack(experts, "B_up", transpose=True))
+        return self.base.act_fn(gate) * up
 
     def _down_delta(self, h: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:
         """s · Σ_k g_k B2k A2k h_k for h [E, N, I] and gates [E, N] → [N, d]."""
-        z = (self.dropout(h) @ self._stack(experts, "A_down").transpose(1, 2)) * gates.unsqueeze(-1)
-        return self.scaling * torch.einsum("enr,edr->nd", z, self._stack(experts, "B_down"))
+        z = (self.dropout(h) @ self._stack(experts, "A_down").transpose(1, 2)) * (self.scaling * gates.unsqueeze(-1))
+        return torch.einsum("enr,edr->nd", z, self._stack(experts, "B_down"))
 
     def _dense(self, xd, gate_base, up_base, route: Route, shape) -> torch.Tensor:
         experts = route.experts
@@ -164,30 +172,34 @@ class MixtureFFN(nn.Module):
             self._capture_shared(h, experts, shape)
         return self.base.down_proj(mixed) + self._down_delta(h, experts, gates)
 
-    def _topk(self, xd, gate_base, up_base, route: Route) -> torch.Tensor:
-        """Top-k routing with tokens grouped by expert inside this one module.
+    def _cat(self, name: str, transpose: bool = False) -> torch.Tensor:
+        """All experts' factors side by side along the rank: A as [E·r, in], B as [E·r, out]."""
+        return torch.cat([getattr(expert, name).T if transpose else getattr(expert, name)
+                          for expert in self.experts])
 
-        Every expert runs (possibly on zero tokens), so every rank calls the same code on the
-        same parameters: ZeRO-3 hangs when ranks call different submodules.
+    def _topk(self, xd, gate_base, up_base, route: Route) -> torch.Tensor:
+        """Top-k routing as k dense slots: slot j of token n runs expert topk_experts[n, j].
+
+        The experts' factors are concatenated (E·r wide) and each slot's rank activations are
+        masked to its expert's block, so each LoRA product is one matmul over all tokens: no
+        gathers or scatters at the intermediate width, no per-expert loop, no host sync. Every
+        expert's parameters take part in every call, as ZeRO-3 needs (ranks must call the same
+        code on the same parameters). The masked matmuls cost E·r instead of r multiply-adds per
+        slot and width, small next to the base projections while E·r is small.
         """
-        n, k = route.topk_experts.shape
-        flat = route.topk_experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // k
-        weight = route.gates.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        xs, gs, us = xd[token], gate_base[token], up_base[token]
-        mixed = torch.zeros_like(gate_base)
-        delta = torch.zeros(n, self.hidden, dtype=xd.dtype, device=xd.device)
-        start = 0
-        for e, count in enumerate(counts):
-            seg = slice(start, start + count)
-            h = self._expert_hidden(xs[seg], gs[seg], us[seg], [e])  # [1, c, I]
-            w = weight[seg].unsqueeze(0)
-            mixed.index_add_(0, token[seg], (h[0] * w[0].unsqueeze(-1)))
-            delta.index_add_(0, token[seg], self._down_delta(h, [e], w))
-            start += count
-        return self.base.down_proj(mixed) + delta
+        s = self.scaling
+        k = route.topk_experts.shape[1]
+        mask = F.one_hot(route.topk_experts.T, len(self.experts)).to(xd.dtype)  # [k, N, E]
+        mask = mask.repeat_interleave(self.rank, dim=-1)  # [k, N, E·r]
+        gate = torch.baddbmm(gate_base, (s * (xd @ self._cat("A_gate").T)) * mask,
+                             self._cat("B_gate", transpose=True).expand(k, -1, -1))  # [k, N, I]
+        up = torch.baddbmm(up_base, (s * (xd @ self._cat("A_up").T)) * mask,
+                           self._cat("B_up", transpose=True).expand(k, -1, -1))
+        h = self.base.act_fn(gate) * up
+        gates = route.gates.T  # [k, N]
+        mixed = torch.einsum("kn,kni->ni", gates, h)
+        z = (self.dropout(h) @ self._cat("A_down").T) * (mask * (s * gates).unsqueeze(-1))  # [k, N, E·r]
+        return self.base.down_proj(mixed) + z.sum(0) @ self._cat("B_down", transpose=True)
 
     def _capture_shared(self, h: torch.Tensor, experts: list[int], shape) -> None:
         """Attention-masked mean of the shared experts' output, per sample: [B, d].
@@ -201,8 +213,11 @@ class MixtureFFN(nn.Module):
         b, t = shape[0], shape[1]
         mask = self.context.attention_mask
         mask = torch.ones(b, t, dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
-        hs = h[shared].reshape(len(shared), b, t, -1)
-        pooled = (hs * mask[None, :, :, None]).sum(2) / mask.sum(1).clamp(min=1)[None, :, None]
+        weights = mask / mask.sum(1, keepdim=True).clamp(min=1)  # [B, T]
+        # A block-diagonal [B, B·T] pooling matrix pools h in one matmul; indexing the shared
+        # experts out of h would copy them, and scatter into a zero [E, N, I] gradient backward.
+        pool = (torch.eye(b, dtype=h.dtype, device=h.device)[:, :, None] * weights).reshape(b, b * t)
+        pooled = (pool @ h)[shared]  # [S, B, I]
         ids = [experts[i] for i in shared]
         out = self.base.down_proj(pooled) + self.scaling * torch.einsum(
             "ebr,edr->ebd", pooled @ self._stack(ids, "A_down").transpose(1, 2), self._stack(ids, "B_down"))
