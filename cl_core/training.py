@@ -42,22 +42,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[float]:
-    """A plain single-process loop (AdamW, no weight decay); returns the loss of every step.
+def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[dict[str, float]]:
+    """A plain single-process loop (AdamW, no weight decay); returns every step's logs
+    (`Learner` logs: "loss" and each loss term).
 
     The method's `after_step` runs after every optimizer step."""
     optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=lr, weight_decay=0.0)
     learner.train()
-    losses = []
+    logs = []
     for batch in batches:
-        loss, _ = learner(batch)
+        loss, log = learner(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         learner.method.after_step(learner.model)
-        losses.append(float(loss.detach()))
+        logs.append(log)
     learner.eval()
-    return losses
+    return logs
 
 
 def plan_task(model: ContinualModel, objective, method, task: int, batches: Callable[[], Iterable[dict]]) -> None:

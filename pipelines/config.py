@@ -270,14 +270,21 @@ def parse_config(data: dict, source: str = "<config>", base: Path | None = None)
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:
+    """A YAML file whose top level is a mapping, or a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    data = read_yaml_mapping(path)
     return parse_config(data, str(path), path.parent)

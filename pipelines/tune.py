@@ -317,17 +317,12 @@ def _grid_combinations(search: SearchConfig) -> list[dict]:
 
 def load_search(path: Path, run_path: Path) -> tuple[SearchConfig, dict, RunConfig]:
     """(search, the run config's raw dict, the parsed run config); ConfigError on any problem."""
-    from pipelines.config import load_config
+    from pipelines.config import load_config, read_yaml_mapping
 
     base_cfg = load_config(run_path)
     base_data = yaml.safe_load(Path(run_path).read_text())
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: search file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml_mapping(path, "search")
     search = validate_search(data, base_data, str(path), str(run_path), Path(run_path).resolve().parent)
     return search, base_data, base_cfg
 

@@ -18,7 +18,7 @@ FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
 from cl_core.methods.olora import olora_terms
 from cl_core.methods.replay import replay_buffer
 from cl_core.objectives import LMObjective
-from cl_core.training import Learner, evaluate_task, trainable_parameters
+from cl_core.training import Learner, evaluate_task, train_steps
 from tests.conftest import batches, synthetic_task, tiny_model
 
 EPOCHS, LR, BATCH = 4, 1e-2, 8
@@ -46,18 +46,7 @@ def _data(tok):
 
 
 def _train(learner: Learner, stream) -> list[dict]:
-    """train_steps, keeping every step's logs (loss terms by name)."""
-    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=LR, weight_decay=0.0)
-    learner.train()
-    logs = []
-    for batch in stream:
-        loss, log = learner(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        logs.append(log)
-    learner.eval()
-    return logs
+    return train_steps(learner, stream, lr=LR)
 
 
 def run_stage(name: str, params: dict, task: int, parent, out, seed: int = 0) -> dict:

@@ -33,7 +33,7 @@ def test_lm_training_lowers_loss_and_beats_chance():
     method.setup_task(model, 0)
     learner = Learner(model, objective, method)
     before = evaluate_task(model, objective, method, examples[0])["accuracy"]
-    losses = train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)
+    losses = [log["loss"] for log in train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)]
     after = evaluate_task(model, objective, method, examples[0])
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
     assert after["accuracy"] >= 0.9 > before
@@ -205,6 +205,6 @@ def test_head_objective_trains():
     method.setup_task(model, 0)
     objective.setup_task(model, 0)
     learner = Learner(model, objective, method)
-    losses = train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)
+    losses = [log["loss"] for log in train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)]
     assert losses[-1] < losses[0]
     assert evaluate_task(model, objective, method, examples[0])["accuracy"] >= 0.8
