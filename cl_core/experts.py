@@ -158,9 +158,17 @@ class MixtureFFN(nn.Module):
                            self._stack(experts, "B_up", transpose=True))
         return self.base.act_fn(gate) * up
 
+    def _shared_dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """Dropout of h [E, N, I] with one mask for all experts, as xd is one input for all experts.
+
+        Each expert still sees dropout p on its input; drawing one [N, I] mask instead of
+        [E, N, I] matters because the random draw is the costliest elementwise op on CPU.
+        """
+        return h * self.dropout(h.new_ones(h.shape[1:])) if self.training and self.dropout.p else h
+
     def _down_delta(self, h: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:
         """s · Σ_k g_k B2k A2k h_k for h [E, N, I] and gates [E, N] → [N, d]."""
-        z = (self.dropout(h) @ self._stack(experts, "A_down").transpose(1, 2)) * (self.scaling * gates.unsqueeze(-1))
+        z = (self._shared_dropout(h) @ self._stack(experts, "A_down").transpose(1, 2)) * (self.scaling * gates.unsqueeze(-1))
         return torch.einsum("enr,edr->nd", z, self._stack(experts, "B_down"))
 
     def _dense(self, xd, gate_base, up_base, route: Route, shape) -> torch.Tensor:
@@ -198,7 +206,7 @@ class MixtureFFN(nn.Module):
         h = self.base.act_fn(gate) * up
         gates = route.gates.T  # [k, N]
         mixed = torch.einsum("kn,kni->ni", gates, h)
-        z = (self.dropout(h) @ self._cat("A_down").T) * (mask * (s * gates).unsqueeze(-1))  # [k, N, E·r]
+        z = (self._shared_dropout(h) @ self._cat("A_down").T) * (mask * (s * gates).unsqueeze(-1))  # [k, N, E·r]
         return self.base.down_proj(mixed) + z.sum(0) @ self._cat("B_down", transpose=True)
 
     def _capture_shared(self, h: torch.Tensor, experts: list[int], shape) -> None:
