@@ -1,6 +1,6 @@
 """Every method through the real pipeline on four real tasks with SmolLM2-135M-Instruct.
 
-    python -m benchmarks.cl_quality [--methods moe_cl,seq_lora] [--train-examples 64] [--test-examples 40]
+    python -m benchmarks.cl_quality [--methods moe_cl,seq_lora] [--train-examples 48] [--test-examples 30]
 
 One fixed budget for all methods (same examples per task, epochs, rank, seed), the `lm`
 objective, two task orders. Writes `benchmarks/results/cl_quality.json` (a list of rows
@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
-def run_config(method: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int) -> dict:
+def run_config(method: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int,
+               lr: float) -> dict:
     routable = METHODS[method].routable
     return {
         "name": f"clq-{method}-{order}",
@@ -48,7 +49,7 @@ def run_config(method: str, order: str, data: Path, train_examples: int, test_ex
         "objective": "lm",
         "method": {"name": method},
         "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
-        "training": {"epochs": epochs, "lr": 5e-4, "batch_size": 8, "max_length": 128, "seed": 0,
+        "training": {"epochs": epochs, "lr": lr, "batch_size": 8, "max_length": 128, "seed": 0,
                      "checkpoint_every": 20},
         "ray": {"num_workers": 1, "cpus_per_worker": 2},
         "eval": {"task_id": "both" if routable else "oracle", "batch_size": 20},
@@ -80,9 +81,10 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
     parser.add_argument("--orders", default="order1,order2")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--train-examples", type=int, default=64)
-    parser.add_argument("--test-examples", type=int, default=40)
+    parser.add_argument("--train-examples", type=int, default=48)
+    parser.add_argument("--test-examples", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--storage", type=Path, default=REPO / "runs" / "cl_quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -91,10 +93,11 @@ def main() -> None:
     from pipelines.driver import Driver
 
     rows = []
-    for method in args.methods.split(","):
-        for order in args.orders.split(","):
+    # Order-major, so that a benchmark stopped early has every method on the first order.
+    for order in args.orders.split(","):
+        for method in args.methods.split(","):
             cfg = parse_config(run_config(method, order, args.data, args.train_examples, args.test_examples,
-                                          args.epochs), f"cl_quality/{method}/{order}")
+                                          args.epochs, args.lr), f"cl_quality/{method}/{order}")
             start = time.perf_counter()
             result = Driver(cfg, args.storage).run()
             oracle = result.summary["oracle"]
@@ -109,7 +112,7 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))
             budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
-                      f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr 5e-4, "
+                      f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr {args.lr:g}, "
                       f"batch 8, max length 128, seed 0.")
             (args.out / "cl_quality.md").write_text(f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n")
             print(table(rows[-1:]).splitlines()[-1], flush=True)

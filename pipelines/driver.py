@@ -78,8 +78,11 @@ def start_ray(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address)
     else:
+        # Ray keeps only as many idle workers as there are free CPUs: while a train stage holds
+        # every CPU it kills the stage tasks' idle worker, and the next stage pays ~5 s to start a
+        # new one and import torch again. Allow one idle worker per CPU, free or not.
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": stages.RAY_ENV},
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config={"num_workers_soft_limit": os.cpu_count() or 1})
 
 
 class Driver:
