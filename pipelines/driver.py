@@ -1,6 +1,9 @@
 """The sequence driver: for each task from the first stage not done, prepare → train → bank →
 evaluate, each recorded in the ledger once its outputs are durable; then the report.
 
+Task t's evaluation runs while task t+1's training starts up (it needs only task t's bank), so
+Ray Train's worker start-up overlaps it; a crash before it settles just runs it again.
+
 Reads top to bottom as the run goes. Everything about a run lives under `storage/<run_id>/`,
 where run_id = `<name>-<config hash>`: rerunning the same command finds the ledger and goes on.
 """
@@ -13,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -27,6 +30,17 @@ from pipelines.data import load_split
 from pipelines.ledger import Ledger
 from pipelines.report import format_matrix, matrix_csv, matrix_heatmap
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
+
+
+@dataclass
+class LaunchedStage:
+    """A stage that is running (or was done earlier): `Driver.settle` waits for it and records it."""
+
+    key: str
+    outputs: dict | None = None  # the ledger's, when done earlier
+    result: Any = None  # the work's outputs, or a Ray ObjectRef of them
+    child: str | None = None
+    start: float = 0.0
 
 
 @dataclass
@@ -87,11 +101,13 @@ def start_ray(cfg: RunConfig) -> None:
 
 class Driver:
     def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
-                 on_evaluated: Callable[[int, dict], None] | None = None):
+                 on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True):
         """`on_evaluated(t, row)` is called after task t's evaluate stage (done now or earlier),
-        e.g. to report a Tune trial's progress stage by stage."""
+        e.g. to report a Tune trial's progress stage by stage. `overlap_eval=False` settles each
+        evaluation before the next task trains (a Tune scheduler wants the row first)."""
         self.cfg = cfg
         self.on_evaluated = on_evaluated
+        self.overlap_eval = overlap_eval
         self.storage = Path(storage).resolve()
         self.run_dir = self.storage / cfg.run_id
         self.progress = progress
@@ -100,20 +116,36 @@ class Driver:
         self.tracking_failed = False
 
     # -- one stage, at most once ----------------------------------------------------------------
-    def stage(self, key: str, work: Callable[[str | None], dict]) -> dict:
+    def stage(self, key: str, work: Callable[[str | None], Any]) -> dict:
+        """Runs `work(child MLflow run id)` unless the ledger has the stage; returns its outputs."""
+        return self.settle(self.launch(key, work))
+
+    def launch(self, key: str, work: Callable[[str | None], Any]) -> LaunchedStage:
+        """Starts the stage: `work` returns its outputs, or a Ray ObjectRef to settle later."""
         done = self.ledger.outputs(key)
         if done is not None:
             self.progress(f"  {key:<22} done earlier")
             self._track_stage(key, done, self.ledger.data["stages"][key]["seconds"])  # reconciles MLflow
-            return done
+            return LaunchedStage(key, outputs=done)
         self.progress(f"  {key:<22} running")
         child = self._tracked(lambda: self.tracker.stage_run(self.parent, self.cfg.run_id, key))
         start = time.perf_counter()
-        out = work(child)
-        seconds = time.perf_counter() - start
-        self.ledger.mark_done(key, out, seconds)
-        self.progress(f"  {key:<22} done in {seconds:.1f}s")
-        self._track_stage(key, out, seconds, child)
+        return LaunchedStage(key, result=work(child), child=child, start=start)
+
+    def settle(self, launched: LaunchedStage) -> dict:
+        """Waits for a launched stage and records it in the ledger, then MLflow."""
+        import ray
+
+        if launched.outputs is not None:
+            return launched.outputs
+        result = launched.result
+        out = ray.get(result) if isinstance(result, ray.ObjectRef) else result
+        # An overlapped stage reports when it finished: its seconds exclude waiting to be settled.
+        end = out["finished_at"] - time.time() + time.perf_counter() if "finished_at" in out else time.perf_counter()
+        seconds = end - launched.start
+        self.ledger.mark_done(launched.key, out, seconds)
+        self.progress(f"  {launched.key:<22} done in {seconds:.1f}s")
+        self._track_stage(launched.key, out, seconds, launched.child)
         return out
 
     def _track_stage(self, key: str, out: dict, seconds: float, child: str | None = None) -> None:
@@ -159,11 +191,13 @@ class Driver:
             self.cfg_dict, str(self.storage / "cache" / "models"))))["spec"]
         data = [self.stage(f"task{t}/prepare", lambda _, t=t: ray.get(stages.prepare.options(**opts).remote(
             self.cfg_dict, t, base, str(Path(cache) / "prepared"))))["path"] for t in range(len(cfg.tasks))]
-        baseline = self.stage("baseline/evaluate", lambda _: ray.get(stages.evaluate.options(**opts).remote(
+        baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
             self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
-            untrained=True)))
+            untrained=True))
+        if not self.overlap_eval:
+            self.settle(baseline)
 
-        parent_bank = None
+        parent_bank, evaluation = None, None
         plans = getattr(METHODS[cfg.method.name], "plans_tasks", False)
         for t, task in enumerate(cfg.tasks):
             start_bank = parent_bank  # what train and bank build on: the parent, or the parent + the plan
@@ -174,20 +208,24 @@ class Driver:
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
+            if evaluation:
+                self._evaluated(t - 1, self.settle(evaluation))
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
             built = self.stage(f"task{t}/bank", lambda _, t=t: ray.get(stages.bank.options(**opts).remote(
                 self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir)))
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
-            row = self.stage(f"task{t}/evaluate", lambda _, t=t: ray.get(stages.evaluate.options(**opts).remote(
-                self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
-            self._log_row(t, row)
-            if self.on_evaluated:
-                self.on_evaluated(t, row)
+            evaluation = self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(**opts).remote(
+                self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json")))
+            if not self.overlap_eval:
+                self._evaluated(t, self.settle(evaluation))
+                evaluation = None
             parent_bank = bank_dir
+        if evaluation:
+            self._evaluated(len(cfg.tasks) - 1, self.settle(evaluation))
 
-        return self._report(baseline, wall)
+        return self._report(self.settle(baseline), wall)
 
     def _drop_damaged_banks(self) -> None:
         """A bank altered or truncated on disk is rebuilt from its train stage's durable tensors.
@@ -202,6 +240,11 @@ class Driver:
                 self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from its training output")
                 self.expected_bank_sha[t] = done["sha256"]
                 self.ledger.forget([f"task{t}/bank"])
+
+    def _evaluated(self, t: int, row: dict) -> None:
+        self._log_row(t, row)
+        if self.on_evaluated:
+            self.on_evaluated(t, row)
 
     def _log_row(self, t: int, row: dict) -> None:
         names = [task.name for task in self.cfg.tasks]

@@ -182,7 +182,7 @@ def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_p
         rows[mode] = {"accuracy": [r["accuracy"] for r in results], "strip_rate": [r["strip_rate"] for r in results]}
     out = {"rows": rows, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
-    return out
+    return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
 
 
 def verify_bank(path: str) -> str | None:

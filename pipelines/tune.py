@@ -420,7 +420,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     (trials_dir / cfg.run_id).mkdir(exist_ok=True)
     with open(trials_dir / cfg.run_id / ".trial.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated).run()
+        # ASHA decides on each task's row before the trial trains the next task.
+        result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated, overlap_eval=False).run()
     final = result.summary["oracle"]
     tune.report({"stage": n, "task": n - 1, "tasks": n, "run_id": cfg.run_id,
                  **_partial_scores(rows, n - 1, ctx["weight"]),

@@ -46,6 +46,9 @@ def test_two_tasks_zero2_two_workers(zero2_run):
     assert (result.run_dir / "report" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
     ledger = json.loads((result.run_dir / "ledger.json").read_text())["stages"]
     assert ledger["task1/train"]["outputs"]["steps"] == 6  # 48 rows / 2 ranks / batch 8 × 2 epochs
+    # Task 0's evaluation ran while task 1's training started; it is settled (recorded) after it.
+    evaluated = ledger["task0/evaluate"]
+    assert evaluated["outputs"]["finished_at"] < ledger["task1/train"]["finished"] < evaluated["finished"]
 
 
 def test_mlflow_has_one_parent_with_stage_children_and_keys(zero2_run):
