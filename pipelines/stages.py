@@ -23,7 +23,9 @@ from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
 
 # Ray Train reports block ~1.9 s each with the default health-check interval; 0.1 s makes it ~0.08 s.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# A train stage's workers wait for the previous task's evaluation to free its CPUs/GPUs: give them
+# longer than Ray Train's 60 s before it calls the start-up stuck and starts over.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}
 
 
 def _threads() -> int:
