@@ -35,19 +35,24 @@ ORDERS = {
 }
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+# Rows beside the methods: MoE-CL without its adversarial term, for the GAN goal.
+ABLATIONS = {"moe_cl_no_gan": ("moe_cl", {"adv_weight": 0.0})}
+NON_ORACLE_BASELINES = ["seq_lora", "replay", "ewc", "olora", "mocl"]
 
 
-def run_config(method: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int,
+def run_config(label: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int,
                lr: float) -> dict:
+    """`label` is a method name or an ablation's."""
+    method, params = ABLATIONS.get(label, (label, {}))
     routable = METHODS[method].routable
     return {
-        "name": f"clq-{method}-{order}",
+        "name": f"clq-{label}-{order}",
         "model": {"kind": "smollm2"},
         "tasks": [{"name": t, "data": {"train": str(data / t / "train.jsonl"), "test": str(data / t / "test.jsonl")},
                    "labels": LABELS[t], "max_train_examples": train_examples, "max_test_examples": test_examples}
                   for t in ORDERS[order]],
         "objective": "lm",
-        "method": {"name": method},
+        "method": {"name": method, "params": params},
         "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
         "training": {"epochs": epochs, "lr": lr, "batch_size": 8, "max_length": 128, "seed": 0,
                      "checkpoint_every": 20},
@@ -76,6 +81,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def goals(rows: list[dict]) -> list[str]:
+    """The benchmark's four goals per order, each with its figures and whether it is met."""
+    verdict = {True: "met", False: "not met"}
+    lines = []
+    for order in sorted({r["order"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["order"] == order}
+        if "seq_lora" in by:
+            bwt = by["seq_lora"]["BwT"]
+            lines.append(f"{order}: sequential LoRA forgets (BwT ≤ −5): BwT {bwt:+.1f}, {verdict[bwt <= -5]}")
+        baselines = [by[name] for name in NON_ORACLE_BASELINES if name in by]
+        if "moe_cl" in by and baselines:
+            moe, best = by["moe_cl"], max(baselines, key=lambda r: r["AA"])
+            met = moe["AA"] >= best["AA"] and moe["BwT"] >= -2
+            lines.append(f"{order}: MoE-CL AA ≥ every non-oracle baseline's, with BwT ≥ −2: AA {moe['AA']:.1f} vs "
+                         f"{best['AA']:.1f} ({best['method']}), BwT {moe['BwT']:+.1f}, {verdict[met]}")
+        if "moe_cl" in by and "moe_cl_no_gan" in by:
+            d_aa = by["moe_cl"]["AA"] - by["moe_cl_no_gan"]["AA"]
+            d_bwt = by["moe_cl"]["BwT"] - by["moe_cl_no_gan"]["BwT"]
+            lines.append(f"{order}: the GAN term (adv_weight 0.1 vs 0) changes AA by {d_aa:+.1f} and BwT by "
+                         f"{d_bwt:+.1f}: it {'helps' if d_aa > 0 else 'does not help'} here")
+        agnostic = [by[name] for name in ("seta", "cmoe") if name in by and by[name]["task_agnostic_AA"] is not None]
+        if "per_task_lora" in by and agnostic:
+            best, oracle = max(agnostic, key=lambda r: r["task_agnostic_AA"]), by["per_task_lora"]["AA"]
+            share = best["task_agnostic_AA"] / oracle
+            lines.append(f"{order}: task-agnostic SETA or CMoE ≥ 90% of the per-task LoRA oracle's AA: "
+                         f"{best['task_agnostic_AA']:.1f} ({best['method']}) vs {oracle:.1f} = {share:.0%}, "
+                         f"{verdict[share >= 0.9]}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
@@ -94,15 +129,18 @@ def main() -> None:
 
     rows = []
     # Order-major, so that a benchmark stopped early has every method on the first order.
+    methods = args.methods.split(",")
+    labels = methods + [label for label, (method, _) in ABLATIONS.items() if method in methods]
     for order in args.orders.split(","):
-        for method in args.methods.split(","):
-            cfg = parse_config(run_config(method, order, args.data, args.train_examples, args.test_examples,
-                                          args.epochs, args.lr), f"cl_quality/{method}/{order}")
+        for label in labels:
+            cfg = parse_config(run_config(label, order, args.data, args.train_examples, args.test_examples,
+                                          args.epochs, args.lr), f"cl_quality/{label}/{order}")
+            method = cfg.method.name
             start = time.perf_counter()
             result = Driver(cfg, args.storage).run()
             oracle = result.summary["oracle"]
             rows.append({
-                "method": method, "order": order, "AA": oracle["AA"], "BwT": oracle["BwT"], "FwT": oracle["FwT"],
+                "method": label, "order": order, "AA": oracle["AA"], "BwT": oracle["BwT"], "FwT": oracle["FwT"],
                 "forgetting": oracle["forgetting"], "strip_rate": float(np.mean(result.strip["oracle"])),
                 "task_agnostic_AA": result.summary["inferred"]["AA"] if "inferred" in result.summary else None,
                 "trainable_params": bank_size(result.run_dir, len(cfg.tasks)),
@@ -114,7 +152,9 @@ def main() -> None:
             budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
                       f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr {args.lr:g}, "
                       f"batch 8, max length 128, seed 0.")
-            (args.out / "cl_quality.md").write_text(f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n")
+            goal_lines = "".join(f"- {line}\n" for line in goals(rows))
+            (args.out / "cl_quality.md").write_text(
+                f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n\n## Goals\n\n{goal_lines}")
             print(table(rows[-1:]).splitlines()[-1], flush=True)
 
 
