@@ -133,7 +133,7 @@ class Driver:
         return LaunchedStage(key, result=work(child), child=child, start=start)
 
     def settle(self, launched: LaunchedStage) -> dict:
-        """Waits for a launched stage and records it in the ledger, then MLflow."""
+        """Waits for a launched stage and records it in the ledger, then MLflow (once)."""
         import ray
 
         if launched.outputs is not None:
@@ -146,6 +146,7 @@ class Driver:
         self.ledger.mark_done(launched.key, out, seconds)
         self.progress(f"  {launched.key:<22} done in {seconds:.1f}s")
         self._track_stage(launched.key, out, seconds, launched.child)
+        launched.outputs = out
         return out
 
     def _track_stage(self, key: str, out: dict, seconds: float, child: str | None = None) -> None:
@@ -208,6 +209,7 @@ class Driver:
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
+            self.settle(baseline)  # recorded here, not at the end, so that a later crash cannot cost it
             if evaluation:
                 self._evaluated(t - 1, self.settle(evaluation))
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")

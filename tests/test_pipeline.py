@@ -155,12 +155,16 @@ def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path)
     assert result.matrices["oracle"][0, 0] >= 75
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets stay bound until every port is chosen."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _kill_process_trees(markers: list[str]) -> None:
@@ -189,11 +193,11 @@ def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="clpipe-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dashboard = _free_port(), _free_port()
     # Every listening port chosen free, so another Ray on this host (with its defaults) cannot collide.
-    ports = [(flag, str(_free_port())) for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
-                                                     "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                                                     "--metrics-export-port")]
+    flags = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--runtime-env-agent-port", "--metrics-export-port")
+    port, dashboard, *free = _free_ports(2 + len(flags))
+    ports = [(flag, str(p)) for flag, p in zip(flags, free)]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -246,7 +250,7 @@ def test_mlflow_down_mid_run_loses_no_training_and_a_rerun_reconciles(ray_local,
 def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
     import urllib.request
 
-    port = _free_port()
+    port = _free_ports(1)[0]
     ui = subprocess.Popen(CLPIPE + ["ui", "--storage", str(tmp_path), "--port", str(port)], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
