@@ -175,7 +175,7 @@ def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_p
             stage.objective.setup_task(stage.model, t)
     stage.model.to(_device(cfg))
     modes = ["oracle", "inferred"] if cfg.eval.task_id == "both" else [cfg.eval.task_id]
-    if not stage.method.routable:
+    if not stage.method.routable or untrained:  # untrained experts change nothing, however routed
         modes = ["oracle"]
     rows = {}
     for mode in modes:
