@@ -1,6 +1,6 @@
 """Every method through the real pipeline on four real tasks with SmolLM2-135M-Instruct.
 
-    python -m benchmarks.cl_quality [--methods moe_cl,seq_lora] [--train-examples 48] [--test-examples 30]
+    python -m benchmarks.cl_quality [--methods moe_cl,seq_lora] [--train-examples 32] [--test-examples 24]
 
 One fixed budget for all methods (same examples per task, epochs, rank, seed), the `lm`
 objective, two task orders. Writes `benchmarks/results/cl_quality.json` (a list of rows
@@ -41,7 +41,7 @@ NON_ORACLE_BASELINES = ["seq_lora", "replay", "ewc", "olora", "mocl"]
 
 
 def run_config(label: str, order: str, data: Path, train_examples: int, test_examples: int, epochs: int,
-               lr: float) -> dict:
+               lr: float, max_length: int) -> dict:
     """`label` is a method name or an ablation's."""
     method, params = ABLATIONS.get(label, (label, {}))
     routable = METHODS[method].routable
@@ -54,7 +54,7 @@ def run_config(label: str, order: str, data: Path, train_examples: int, test_exa
         "objective": "lm",
         "method": {"name": method, "params": params},
         "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
-        "training": {"epochs": epochs, "lr": lr, "batch_size": 8, "max_length": 128, "seed": 0,
+        "training": {"epochs": epochs, "lr": lr, "batch_size": 8, "max_length": max_length, "seed": 0,
                      "checkpoint_every": 20},
         "ray": {"num_workers": 1, "cpus_per_worker": 2},
         "eval": {"task_id": "both" if routable else "oracle", "batch_size": 20},
@@ -116,10 +116,11 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
     parser.add_argument("--orders", default="order1,order2")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--train-examples", type=int, default=48)
-    parser.add_argument("--test-examples", type=int, default=30)
+    parser.add_argument("--train-examples", type=int, default=32)
+    parser.add_argument("--test-examples", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=96, help="tokens per example (prompt + answer)")
     parser.add_argument("--storage", type=Path, default=REPO / "runs" / "cl_quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
     for order in args.orders.split(","):
         for label in labels:
             cfg = parse_config(run_config(label, order, args.data, args.train_examples, args.test_examples,
-                                          args.epochs, args.lr), f"cl_quality/{label}/{order}")
+                                          args.epochs, args.lr, args.max_length), f"cl_quality/{label}/{order}")
             method = cfg.method.name
             start = time.perf_counter()
             result = Driver(cfg, args.storage).run()
@@ -151,7 +152,7 @@ def main() -> None:
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))
             budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
                       f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr {args.lr:g}, "
-                      f"batch 8, max length 128, seed 0.")
+                      f"batch 8, max length {args.max_length}, seed 0.")
             goal_lines = "".join(f"- {line}\n" for line in goals(rows))
             (args.out / "cl_quality.md").write_text(
                 f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n\n## Goals\n\n{goal_lines}")

@@ -21,6 +21,6 @@ def test_goal_verdicts_follow_the_figures():
 
 
 def test_the_no_gan_ablation_is_moe_cl_with_adv_weight_zero(tmp_path):
-    cfg = run_config("moe_cl_no_gan", "order2", tmp_path, 48, 30, 1, 1e-3)
+    cfg = run_config("moe_cl_no_gan", "order2", tmp_path, 32, 24, 1, 1e-3, 96)
     assert cfg["method"] == {"name": "moe_cl", "params": {"adv_weight": 0.0}}
     assert cfg["name"] == "clq-moe_cl_no_gan-order2" and cfg["tasks"][0]["name"] == "foldoc_subject"
