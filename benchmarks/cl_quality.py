@@ -113,7 +113,8 @@ def goals(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(sorted(METHODS)))
+    goal_methods = ["seq_lora", "moe_cl", "per_task_lora", "seta", "cmoe"]
+    parser.add_argument("--methods", default=",".join(goal_methods + sorted(set(METHODS) - set(goal_methods))))
     parser.add_argument("--orders", default="order1,order2")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--train-examples", type=int, default=32)
@@ -130,8 +131,9 @@ def main() -> None:
 
     rows = []
     # Order-major, so that a benchmark stopped early has every method on the first order.
-    methods = args.methods.split(",")
-    labels = methods + [label for label, (method, _) in ABLATIONS.items() if method in methods]
+    # Each method followed by its ablations, in the order given (the default puts the goals' methods first).
+    labels = [label for method in args.methods.split(",")
+              for label in [method, *(a for a, (m, _) in ABLATIONS.items() if m == method)]]
     for order in args.orders.split(","):
         for label in labels:
             cfg = parse_config(run_config(label, order, args.data, args.train_examples, args.test_examples,
