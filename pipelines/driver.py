@@ -170,8 +170,6 @@ class Driver:
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        import ray
-
         cfg, wall = self.cfg, time.perf_counter()
         check_data(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,10 +186,10 @@ class Driver:
 
         opts = stages.task_options(cfg)
         cache = str(self.storage / "cache")
-        base = self.stage("model", lambda _: ray.get(stages.materialize.options(**opts).remote(
-            self.cfg_dict, str(self.storage / "cache" / "models"))))["spec"]
-        data = [self.stage(f"task{t}/prepare", lambda _, t=t: ray.get(stages.prepare.options(**opts).remote(
-            self.cfg_dict, t, base, str(Path(cache) / "prepared"))))["path"] for t in range(len(cfg.tasks))]
+        base = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
+            self.cfg_dict, str(self.storage / "cache" / "models")))["spec"]
+        data = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
+            self.cfg_dict, t, base, str(Path(cache) / "prepared")))["path"] for t in range(len(cfg.tasks))]
         baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
             self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
             untrained=True))
@@ -204,8 +202,8 @@ class Driver:
             start_bank = parent_bank  # what train and bank build on: the parent, or the parent + the plan
             if plans:
                 plan_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}.plan")
-                start_bank = self.stage(f"task{t}/plan", lambda _, t=t: ray.get(stages.plan.options(**opts).remote(
-                    self.cfg_dict, t, base, parent_bank, data[t], plan_dir)))["path"]
+                start_bank = self.stage(f"task{t}/plan", lambda _, t=t: stages.plan.options(**opts).remote(
+                    self.cfg_dict, t, base, parent_bank, data[t], plan_dir))["path"]
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
@@ -213,8 +211,8 @@ class Driver:
             if evaluation:
                 self._evaluated(t - 1, self.settle(evaluation))
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
-            built = self.stage(f"task{t}/bank", lambda _, t=t: ray.get(stages.bank.options(**opts).remote(
-                self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir)))
+            built = self.stage(f"task{t}/bank", lambda _, t=t: stages.bank.options(**opts).remote(
+                self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir))
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
