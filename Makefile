@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STORAGE ?= runs
 
-.PHONY: install test test-fast run tiny bench clean
+.PHONY: install test test-fast run tiny clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
