@@ -185,11 +185,11 @@ class Driver:
         self._drop_damaged_banks()
 
         opts = stages.task_options(cfg)
-        cache = str(self.storage / "cache")
+        cache = self.storage / "cache"
         base = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
-            self.cfg_dict, str(self.storage / "cache" / "models")))["spec"]
+            self.cfg_dict, str(cache / "models")))["spec"]
         data = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
-            self.cfg_dict, t, base, str(Path(cache) / "prepared")))["path"] for t in range(len(cfg.tasks))]
+            self.cfg_dict, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
         baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
             self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
             untrained=True))
