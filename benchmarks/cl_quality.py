@@ -152,9 +152,11 @@ def main() -> None:
             })
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))
+            training = cfg.training
             budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
-                      f"{args.test_examples} test examples per task, {args.epochs} epoch(s), LoRA rank 8, lr {args.lr:g}, "
-                      f"batch 8, max length {args.max_length}, seed 0.")
+                      f"{args.test_examples} test examples per task, {training.epochs} epoch(s), LoRA rank "
+                      f"{cfg.bank.rank}, lr {training.lr:g}, batch {training.batch_size}, max length "
+                      f"{training.max_length}, seed {training.seed}.")
             goal_lines = "".join(f"- {line}\n" for line in goals(rows))
             (args.out / "cl_quality.md").write_text(
                 f"# Continual-learning quality\n\n{budget}\n\n{table(rows)}\n\n## Goals\n\n{goal_lines}")
