@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cl_core.experts import ExpertMeta, MixtureFFN, RoutingContext, check_gated_mlp
+from cl_core.precision import compute_autocast
 from cl_core.routers import build_router
 
 FORMAT_VERSION = 1
@@ -106,20 +107,26 @@ class ExpertBank:
     # -- routing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def routing(self, **fields) -> Iterator[RoutingContext]:
-        """Set what the routers see for the forwards inside the block; yields what the layers record."""
+        """Set what the routers see for the forwards inside the block; yields what the layers record.
+
+        Every forward of the model runs inside this block, so it also sets the compute precision:
+        autocast to the base model's dtype (nothing in float32; see cl_core.precision).
+        """
         ctx = RoutingContext(**fields)
         for layer in self.layers:
             layer.context = ctx
         try:
-            yield ctx
+            with compute_autocast(self._embeddings.weight):
+                yield ctx
         finally:
             for layer in self.layers:
                 layer.context = self.context
 
     def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Frozen per-sample features: attention-masked mean of the input embeddings."""
+        """Frozen per-sample features: attention-masked mean of the input embeddings, in float32
+        (the statistics methods keep of them are float32 whatever the base model's dtype)."""
         with torch.no_grad():
-            emb = self._embeddings(input_ids)
+            emb = self._embeddings(input_ids).float()
             mask = attention_mask.to(emb.dtype).unsqueeze(-1)
             return (emb * mask).sum(1) / mask.sum(1).clamp(min=1)
 

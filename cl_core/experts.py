@@ -113,8 +113,8 @@ class MixtureFFN(nn.Module):
     # -- structure ---------------------------------------------------------------------------
     def add_expert(self, meta: ExpertMeta, init_from: int | None = None) -> int:
         expert = LoRAExpert(self.hidden, self.intermediate, self.rank)
-        ref = next(self.base.parameters())
-        expert.to(device=ref.device, dtype=ref.dtype)
+        # Trainable tensors stay float32 whatever the frozen base's dtype (cl_core.precision).
+        expert.to(device=next(self.base.parameters()).device)
         if init_from is not None:
             expert.load_state_dict(self.experts[init_from].state_dict())
         self.experts.append(expert)

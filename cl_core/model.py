@@ -55,9 +55,9 @@ class ContinualModel(nn.Module):
         return self.lm.get_input_embeddings().embedding_dim
 
     def add_linear(self, name: str, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
-        """A method module; described by a spec so that a saved bank can rebuild it."""
-        ref = next(self.lm.parameters())
-        linear = nn.Linear(in_features, out_features, bias=bias).to(device=ref.device, dtype=ref.dtype)
+        """A method module (float32, as everything that trains); described by a spec so that a
+        saved bank can rebuild it."""
+        linear = nn.Linear(in_features, out_features, bias=bias).to(device=next(self.lm.parameters()).device)
         self.extras[name] = linear
         self.extra_specs[name] = {"in": in_features, "out": out_features, "bias": bias}
         return linear

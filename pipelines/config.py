@@ -36,7 +36,6 @@ class ModelConfig(Strict):
     vocab_size: int = Field(512, gt=8)
     seed: int = 0
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -49,7 +48,7 @@ class ModelConfig(Strict):
             return smollm2_gguf_spec()
         return ModelSpec(kind=self.kind, path=self.path, gguf_file=self.gguf_file, hidden_size=self.hidden_size,
                          num_layers=self.num_layers, vocab_size=self.vocab_size, seed=self.seed,
-                         trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+                         trust_remote_code=self.trust_remote_code)
 
 
 class SyntheticData(Strict):
@@ -143,6 +142,9 @@ class TrainingConfig(Strict):
     max_length: int = Field(128, gt=8)
     seed: int = 0
     checkpoint_every: int = Field(50, gt=0)
+    # fp32, bf16-mixed (bf16 compute, float32 trainable tensors and optimizer state), or auto:
+    # bf16-mixed where the training device has native bf16. See cl_core.precision.
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
 
 
 class DeepSpeedConfig(Strict):
@@ -251,9 +253,14 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     if cfg.deepspeed.config is not None:
         cfg.deepspeed.config = resolve(cfg.deepspeed.config, "deepspeed.config")
         try:
-            json.loads(Path(cfg.deepspeed.config).read_text())
+            ds = json.loads(Path(cfg.deepspeed.config).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config}: not valid JSON ({e})") from e
+        for section in ("bf16", "fp16"):
+            if isinstance(ds, dict) and (ds.get(section) or {}).get("enabled"):
+                raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config}: remove the '{section}' section; "
+                                  f"set training.precision instead (DeepSpeed would cast the trainable "
+                                  f"experts to 16 bits)")
 
 
 def parse_config(data: dict, source: str = "<config>", base: Path | None = None) -> RunConfig:

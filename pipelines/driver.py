@@ -48,6 +48,7 @@ class RunResult:
     run_id: str
     run_dir: Path
     tasks: list[str]
+    precision: str  # what training.precision resolved to (cl_core.precision)
     matrices: dict[str, np.ndarray]  # mode → R[stage, task] (NaN above the diagonal)
     baseline: np.ndarray
     summary: dict[str, dict[str, float]]  # mode → AA/BwT/FwT/forgetting
@@ -186,8 +187,11 @@ class Driver:
 
         opts = stages.task_options(cfg)
         cache = self.storage / "cache"
-        base = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
-            self.cfg_dict, str(cache / "models")))["spec"]
+        model = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
+            self.cfg_dict, str(cache / "models")))
+        base, self.precision = model["spec"], model["precision"]
+        self.progress(f"  precision {self.precision} (training.precision: {cfg.training.precision})")
+        self._tracked(lambda: self.tracker.tag(self.parent, "clpipe.precision", self.precision))
         data = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
             self.cfg_dict, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
         baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
@@ -272,7 +276,8 @@ class Driver:
         matrix_csv(matrices["oracle"], names, report_dir / "accuracy_matrix.csv")
         matrix_heatmap(matrices["oracle"], names, report_dir / "accuracy_matrix.png",
                        f"{cfg.run_id}: accuracy (%)")
-        result_json = {"run_id": cfg.run_id, "tasks": names, "summary": summary, "strip_rate": strip,
+        result_json = {"run_id": cfg.run_id, "tasks": names, "precision": self.precision,
+                       "summary": summary, "strip_rate": strip,
                        "matrices": {m: R.tolist() for m, R in matrices.items()}, "baseline": base.tolist()}
         atomic_write_text(report_dir / "summary.json", json.dumps(result_json, indent=2, default=float))
         key = {"oracle": "cl", "inferred": "cl_inferred"}
@@ -289,7 +294,8 @@ class Driver:
         self.ledger.set_meta("mlflow_complete", not self.tracking_failed)
         seconds = {k: v["seconds"] for k, v in self.ledger.data["stages"].items()}
         compute = sum(v["outputs"].get("compute_s", 0.0) for v in self.ledger.data["stages"].values())
-        return RunResult(run_id=cfg.run_id, run_dir=self.run_dir, tasks=names, matrices=matrices, baseline=base,
+        return RunResult(run_id=cfg.run_id, run_dir=self.run_dir, tasks=names, precision=self.precision,
+                         matrices=matrices, baseline=base,
                          summary=summary, strip=strip, tracking_uri=self.tracking_uri,
                          wall_s=time.perf_counter() - wall_start, compute_s=compute, stage_seconds=seconds)
 
@@ -301,5 +307,5 @@ def print_result(result: RunResult, out=sys.stdout) -> None:
         s = result.summary[mode]
         print(f"AA {s['AA']:.1f}  BwT {s['BwT']:+.1f}  FwT {s['FwT']:+.1f}  forgetting {s['forgetting']:.1f}  "
               f"strip rate {np.mean(result.strip[mode]):.1f}", file=out)
-    print(f"\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "
+    print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "
           f"(clpipe ui --storage {result.run_dir.parent})", file=out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from cl_core.bank import BankError, atomic_write_text, load_bank
 from cl_core.models import ModelSpec, load_tokenizer
+from cl_core.precision import base_dtype, resolve_precision
 from cl_core.training import evaluate_task, plan_task
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import RunConfig
@@ -47,9 +49,14 @@ def task_options(cfg: RunConfig) -> dict:
 
 @ray.remote
 def materialize(cfg_dict: dict, cache_root: str) -> dict:
+    """The base model every stage loads, and the run's precision, resolved here, where the work
+    runs (a GPU worker's resources under `ray.use_gpu`). The ledger keeps both, so a resumed run
+    computes in the precision it started in."""
     start = time.perf_counter()
-    spec = materialize_base_model(RunConfig.model_validate(cfg_dict), Path(cache_root))
-    return {"spec": spec.__dict__, "compute_s": time.perf_counter() - start}
+    cfg = RunConfig.model_validate(cfg_dict)
+    precision = resolve_precision(cfg.training.precision, _device(cfg))
+    spec = replace(materialize_base_model(cfg, Path(cache_root)), dtype=base_dtype(precision))
+    return {"spec": spec.__dict__, "precision": precision, "compute_s": time.perf_counter() - start}
 
 
 @ray.remote

@@ -98,6 +98,9 @@ class Tracker:
     def log(self, run: str, metrics: dict[str, float], step: int = 0) -> None:
         self.client.log_batch(run, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()])
 
+    def tag(self, run: str, key: str, value: str) -> None:
+        self.client.set_tag(run, key, value)
+
     def artifact(self, run: str, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(run, str(path), folder)
 

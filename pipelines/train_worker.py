@@ -68,8 +68,6 @@ def deepspeed_config(cfg: RunConfig, largest_bank_param: int) -> dict:
     ds["gradient_accumulation_steps"] = cfg.training.grad_accum
     ds.setdefault("gradient_clipping", 1.0)
     ds.setdefault("steps_per_print", 10**9)
-    if cfg.model.dtype == "bfloat16":
-        ds["bf16"] = {"enabled": True}
     return ds
 
 

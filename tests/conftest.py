@@ -52,7 +52,9 @@ def tiny_run(name: str = "t", tasks: int = 2, **sections) -> dict:
                    "labels": [f"w{2 * t + 1}", f"w{2 * t + 2}"]} for t in range(tasks)],
         "method": {"name": "moe_cl", "params": {"adv_weight": 0.1}},
         "bank": {"dropout": 0.05},
-        "training": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_length": 32, "checkpoint_every": 2},
+        # float32 unless a test asks otherwise: "auto" would depend on the host's bf16 support.
+        "training": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_length": 32, "checkpoint_every": 2,
+                     "precision": "fp32"},
         "deepspeed": {"zero_stage": 2},
         "ray": {"num_workers": 2, "cpus_per_worker": 1},
     }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -101,24 +102,31 @@ def _ray_pids_of(session_marker: str) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines()[1:] if session_marker in line]
 
 
-def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run):
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_run("seq")))
-    cmd = CLPIPE + ["run", str(config), "--storage", str(tmp_path / "s")]
+def _killed_during_task1_training_then_rerun(run: dict, storage: Path) -> dict:
+    """`clpipe run` of `run`, SIGKILLed with its local Ray once task 1's training has written a
+    checkpoint, then run again to the end; returns the report's summary.json."""
+    run_id = parse_config(run).run_id
+    config = storage.parent / f"{storage.name}.yaml"
+    config.write_text(yaml.safe_dump(run))
+    cmd = CLPIPE + ["run", str(config), "--storage", str(storage)]
     env = {**os.environ, "RAY_ADDRESS": ""}
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    train_dir = tmp_path / "s" / zero2_run[0].run_id / "ray_train" / f"{zero2_run[0].run_id}-task1"
+    train_dir = storage / run_id / "ray_train" / f"{run_id}-task1"
     deadline = time.time() + 300
     while not list(train_dir.glob("checkpoint_2*")) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.05)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
-    ledger = json.loads((tmp_path / "s" / zero2_run[0].run_id / "ledger.json").read_text())["stages"]
+    ledger = json.loads((storage / run_id / "ledger.json").read_text())["stages"]
     assert "task1/evaluate" not in ledger  # really killed before the end
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "s" / zero2_run[0].run_id / "report" / "summary.json").read_text())
+    return json.loads((storage / run_id / "report" / "summary.json").read_text())
+
+
+def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run):
+    summary = _killed_during_task1_training_then_rerun(tiny_run("seq"), tmp_path / "s")
     assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), zero2_run[2].matrices["oracle"],
                           equal_nan=True)
     client = MlflowClient(default_tracking_uri(tmp_path / "s"))
@@ -126,6 +134,25 @@ def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run)
     assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 1
     stages = [r.data.tags.get("clpipe.stage") for r in runs if "clpipe.stage" in r.data.tags]
     assert len(stages) == len(set(stages)) == 10
+
+
+def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tmp_path, zero2_run):
+    from safetensors.torch import load_file
+
+    run = tiny_run("bf16", training={"precision": "bf16-mixed"},
+                   deepspeed={"zero_stage": 3, "persistence_threshold": 0})
+    result = Driver(parse_config(run), tmp_path / "whole", _quiet).run()
+    ledger = json.loads((result.run_dir / "ledger.json").read_text())["stages"]
+    assert result.precision == ledger["model"]["outputs"]["precision"] == "bf16-mixed"
+    assert ledger["model"]["outputs"]["spec"]["dtype"] == "bfloat16"
+    assert ledger["task0/train"]["outputs"]["partitioned_params"] >= 2 * 3 + 2  # the bf16 base is partitioned
+    bank = load_file(str(Path(ledger["task1/bank"]["outputs"]["path"]) / "bank.safetensors"))
+    assert {t.dtype for t in bank.values()} == {torch.float32}  # what trains stays float32
+    R, fp32 = result.matrices["oracle"], zero2_run[2].matrices["oracle"]
+    assert R[0, 0] >= 75 and R[1, 1] >= 75 and np.nanmax(np.abs(R - fp32)) <= 10
+    summary = _killed_during_task1_training_then_rerun(run, tmp_path / "killed")
+    assert summary["precision"] == "bf16-mixed"
+    assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), R, equal_nan=True)
 
 
 def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path):

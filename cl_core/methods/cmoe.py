@@ -91,10 +91,10 @@ def serving_task(layer, task: int) -> int | None:
 class _ProbeRouter(nn.Module):
     """Temporary dense softmax gate over (old experts, probe); keeps what the probe phase reads."""
 
-    def __init__(self, hidden: int, experts: list[int], ref: torch.Tensor):
+    def __init__(self, hidden: int, experts: list[int], device: torch.device):
         super().__init__()
         self.experts = experts
-        self.gate = nn.Linear(hidden, len(experts), bias=False).to(device=ref.device, dtype=ref.dtype)
+        self.gate = nn.Linear(hidden, len(experts), bias=False).to(device=device)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.probs: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
@@ -158,9 +158,9 @@ def run_probe(model: ContinualModel, task: int, batches: Callable[[], Iterable[d
         for p in trainable:
             p.requires_grad_(False)
         for layer, old in zip(layers, candidates):
-            ref = next(layer.base.parameters())
-            probe = LoRAExpert(layer.hidden, layer.intermediate, layer.rank).to(device=ref.device, dtype=ref.dtype)
-            routers.append(_ProbeRouter(layer.hidden, old + [len(layer.experts)], ref))
+            device = next(layer.base.parameters()).device
+            probe = LoRAExpert(layer.hidden, layer.intermediate, layer.rank).to(device=device)
+            routers.append(_ProbeRouter(layer.hidden, old + [len(layer.experts)], device))
             layer.experts.append(probe)
             layer.router = routers[-1]
         params = [p for layer in layers for p in layer.experts[-1].parameters()]

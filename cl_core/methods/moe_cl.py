@@ -126,7 +126,7 @@ class MoECL(Method):
                                     capture_shared=True) as ctx:
                 model.hidden_states(batch["input_ids"], batch["attention_mask"])
             for l, f in enumerate(ctx.shared_features):
-                per_layer[l].append(f.detach())
+                per_layer[l].append(f.detach().float())
             kept += len(batch["input_ids"])
             if kept >= self.feature_memory:
                 break
