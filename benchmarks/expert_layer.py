@@ -1,10 +1,11 @@
 """Speed of the mixture FFN (cl_core.experts) against one peft LoRA, on SmolLM2-135M shapes.
 
-One process, float32 on CPU with 2 threads, 8×128 tokens, LoRA r=8 alpha=16 dropout 0.05 in
-train mode. Every timed call is forward + backward (gradients of the trainable LoRA/router
-parameters and of the input); the model step also runs AdamW. Variants are timed interleaved,
-round by round, so that load from other processes hits them alike; each figure is the median
-of the timed rounds after warm-up.
+One process on CPU with 2 threads, 8×128 tokens, LoRA r=8 alpha=16 dropout 0.05 in train mode.
+Every timed call is forward + backward (gradients of the trainable LoRA/router parameters and of
+the input); the model step also runs AdamW. Variants are timed interleaved, round by round, so
+that load from other processes hits them alike; each figure is the median of the timed rounds
+after warm-up. Float32 unless named bf16: bf16-mixed as `training.precision` runs it (the frozen
+base in bfloat16, trainable tensors float32, compute under autocast; cl_core.precision).
 
     python -m benchmarks.expert_layer [--json] [--quick]
 
@@ -12,8 +13,12 @@ of the timed rounds after warm-up.
 - naive: `naive_mixture` (each expert runs its whole FFN) on the same layer and gates.
 - peft_lora: one peft LoRA on gate/up/down of an identical LlamaMLP.
 - top2of8: MixtureFFN, router "learned", top-2 of 8 experts.
+- fused_bf16, peft_lora_bf16: fused and peft LoRA again in bf16-mixed.
 - model_step: one AdamW step of the whole SmolLM2-135M with the MoE-CL bank vs one peft LoRA,
-  both with the LMObjective loss (LM head at the answer positions only). `--quick` skips it.
+  both with the LMObjective loss (LM head at the answer positions only); moe_cl_bf16_step the
+  MoE-CL step in bf16-mixed. `--quick` skips the whole-model figures.
+- eval: label scoring (`evaluate_task`, batch 16 as evaluation runs it) of SmolLM2-135M with the
+  MoE-CL bank on prompts of 96 tokens and the five BBC topic labels, in each precision.
 
 With --json the last line is one JSON object: the ratios the issue sets targets for and the
 medians in ms.
@@ -41,8 +46,9 @@ from cl_core.methods import build_method
 from cl_core.model import ContinualModel
 from cl_core.models import load_base_model, smollm2_gguf_spec
 from cl_core.objectives import LMObjective, TaskFormat
+from cl_core.precision import compute_autocast
 from cl_core.routers import build_router
-from cl_core.training import Learner, trainable_parameters
+from cl_core.training import Learner, evaluate_task, trainable_parameters
 
 THREADS = 2
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M
@@ -51,7 +57,8 @@ RANK, ALPHA, DROPOUT = 8, 16.0, 0.05
 LORA_TARGETS = ["gate_proj", "up_proj", "down_proj"]
 LABELS = ("business", "entertainment", "politics", "sports", "tech")
 TARGETS = {"fused_vs_peft_lora": 1.3, "fused_vs_naive": 0.65, "top2of8_vs_peft_lora": 1.5,
-           "model_step_vs_peft_lora": 1.25}
+           "model_step_vs_peft_lora": 1.25, "fused_bf16_vs_peft_lora_bf16": 1.3, "model_step_bf16_vs_fp32": 0.6}
+EVAL_EXAMPLES, EVAL_PROMPT_TOKENS, EVAL_BATCH = 64, 96, 16
 
 Step = Callable[[], None]
 
@@ -103,11 +110,14 @@ def mixture_layer(mlp: LlamaMLP, router: str, top_k: int | None, metas: list[Exp
 
 def grad_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, params: list[torch.Tensor],
               grad_out: torch.Tensor) -> Step:
-    """Forward + backward to the input and the trainable parameters (autograd.grad: no accumulation)."""
+    """Forward + backward to the input and the trainable parameters (autograd.grad: no accumulation),
+    under autocast to the input's dtype when it is not float32 (as a bf16-mixed model runs a layer)."""
     inputs = [x, *params]
 
     def step() -> None:
-        torch.autograd.grad(forward(x), inputs, grad_out)
+        with compute_autocast(x):
+            out = forward(x)
+        torch.autograd.grad(out, inputs, grad_out)
 
     return step
 
@@ -134,11 +144,21 @@ def layer_steps() -> dict[str, Step]:
         return top2(inp)
 
     peft_mlp = get_peft_model(MLPHost(copy.deepcopy(mlp)), lora_config()).train()
+
+    # bf16-mixed: the base MLP and the activations in bf16; experts and peft's LoRA float32.
+    mlp_bf16 = copy.deepcopy(mlp).to(torch.bfloat16)
+    x_bf16 = x.detach().to(torch.bfloat16).requires_grad_()
+    fused_bf16 = mixture_layer(mlp_bf16, "task", None, [ExpertMeta("shared0", "shared"),
+                                                         ExpertMeta("task0.0", "task", 0)])
+    fused_bf16.context = RoutingContext(task_ids=task_ids)
+    peft_bf16 = get_peft_model(MLPHost(copy.deepcopy(mlp_bf16)), lora_config()).train()
     return {
         "fused": grad_step(fused, x, trainable_parameters(fused), grad_out),
         "naive": grad_step(naive_forward, x, trainable_parameters(fused), grad_out),
         "top2of8": grad_step(top2_forward, x, trainable_parameters(top2), grad_out),
         "peft_lora": grad_step(peft_mlp, x, trainable_parameters(peft_mlp), grad_out),
+        "fused_bf16": grad_step(fused_bf16, x_bf16, trainable_parameters(fused_bf16), grad_out.to(torch.bfloat16)),
+        "peft_lora_bf16": grad_step(peft_bf16, x_bf16, trainable_parameters(peft_bf16), grad_out.to(torch.bfloat16)),
     }
 
 
@@ -178,24 +198,47 @@ def train_step(loss: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> 
     return step
 
 
-def model_steps() -> dict[str, Step]:
-    """A MoE-CL training step and a peft LoRA training step of SmolLM2-135M on the same batch."""
+def moe_cl_model(lm: nn.Module, source: str) -> tuple[ContinualModel, object]:
+    """SmolLM2 with a MoE-CL bank set up for task 0 (float32 experts whatever the base's dtype)."""
+    method = build_method("moe_cl")
+    model = ContinualModel(lm, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router), source)
+    method.setup_task(model, 0)
+    return model, method
+
+
+def smollm2() -> tuple[nn.Module, object, str]:
     spec = smollm2_gguf_spec()
     lm, tok = load_base_model(spec)
+    return lm, tok, spec.source
+
+
+def model_steps(lm: nn.Module, tok, source: str) -> dict[str, Step]:
+    """MoE-CL training steps (float32 and bf16-mixed) and a peft LoRA training step of SmolLM2-135M
+    on the same batch."""
     peft_lm = get_peft_model(copy.deepcopy(lm), lora_config()).train()
-
-    method = build_method("moe_cl")
-    model = ContinualModel(lm, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router),
-                           spec.source)
-    method.setup_task(model, 0)
     objective = LMObjective(tok, [TaskFormat(name="bench", verbalizers=LABELS, max_length=SEQ)])
-    learner = Learner(model, objective, method).train()
     batch = answer_batch(objective, lm.config.vocab_size)
+    learners = {}
+    for name, base in (("moe_cl_step", copy.deepcopy(lm)), ("moe_cl_bf16_step", copy.deepcopy(lm).to(torch.bfloat16))):
+        model, method = moe_cl_model(base, source)
+        learners[name] = Learner(model, objective, method).train()
+    steps = {name: train_step(lambda learner=learner: learner(batch)[0], trainable_parameters(learner))
+             for name, learner in learners.items()}
+    steps["peft_lora_step"] = train_step(lambda: objective.loss(PeftLM(peft_lm), batch), trainable_parameters(peft_lm))
+    return steps
 
-    return {
-        "moe_cl_step": train_step(lambda: learner(batch)[0], trainable_parameters(learner)),
-        "peft_lora_step": train_step(lambda: objective.loss(PeftLM(peft_lm), batch), trainable_parameters(peft_lm)),
-    }
+
+def eval_passes(lm: nn.Module, tok, source: str) -> dict[str, Step]:
+    """Label scoring of EVAL_EXAMPLES prompts by SmolLM2 + MoE-CL bank, float32 and bf16-mixed."""
+    objective = LMObjective(tok, [TaskFormat(name="bench", verbalizers=LABELS, max_length=SEQ)])
+    g = torch.Generator().manual_seed(1)
+    examples = [{"prompt_ids": torch.randint(lm.config.vocab_size, (EVAL_PROMPT_TOKENS,), generator=g).tolist(),
+                 "label": i % len(LABELS), "task": 0} for i in range(EVAL_EXAMPLES)]
+    passes = {}
+    for name, base in (("eval_fp32", copy.deepcopy(lm)), ("eval_bf16", copy.deepcopy(lm).to(torch.bfloat16))):
+        model, method = moe_cl_model(base, source)
+        passes[name] = lambda model=model, method=method: evaluate_task(model, objective, method, examples, EVAL_BATCH)
+    return passes
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -209,6 +252,8 @@ def main() -> None:
     # under 2 minutes there.
     parser.add_argument("--model-warmup", type=int, default=1)
     parser.add_argument("--model-repeats", type=int, default=5)
+    parser.add_argument("--eval-repeats", type=int, default=3, help=f"timed label-scoring passes "
+                        f"({EVAL_EXAMPLES} examples each) per precision")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
 
@@ -218,26 +263,38 @@ def main() -> None:
         "fused_vs_naive": t["fused"] / t["naive"],
         "top2of8_vs_peft_lora": t["top2of8"] / t["peft_lora"],
         "model_step_vs_peft_lora": None,
+        "fused_bf16_vs_peft_lora_bf16": t["fused_bf16"] / t["peft_lora_bf16"],
+        "model_step_bf16_vs_fp32": None,
     }
     times_ms = {f"{name}_ms": seconds * 1e3 for name, seconds in t.items()}
+    throughput = {}
     if not args.quick:
-        m = median_times(model_steps(), args.model_warmup, args.model_repeats)
+        lm, tok, source = smollm2()
+        m = median_times(model_steps(lm, tok, source), args.model_warmup, args.model_repeats)
         result["model_step_vs_peft_lora"] = m["moe_cl_step"] / m["peft_lora_step"]
+        result["model_step_bf16_vs_fp32"] = m["moe_cl_bf16_step"] / m["moe_cl_step"]
         times_ms.update({f"{name}_ms": seconds * 1e3 for name, seconds in m.items()})
+        e = median_times(eval_passes(lm, tok, source), args.model_warmup, args.eval_repeats)
+        throughput = {"eval_examples_per_s": {"fp32": EVAL_EXAMPLES / e["eval_fp32"],
+                                              "bf16-mixed": EVAL_EXAMPLES / e["eval_bf16"]}}
 
     for name, value in result.items():
         verdict = "skipped" if value is None else ("met" if value <= TARGETS[name] else "MISSED")
         shown = "-" if value is None else f"{value:.3f}"
-        print(f"{name:<26} {shown:>7}  target <= {TARGETS[name]}  {verdict}")
+        print(f"{name:<30} {shown:>7}  target <= {TARGETS[name]}  {verdict}")
     for name, ms in times_ms.items():
-        print(f"{name:<26} {ms:9.1f}")
+        print(f"{name:<30} {ms:9.1f}")
+    for precision, rate in throughput.get("eval_examples_per_s", {}).items():
+        print(f"{'eval_examples_per_s ' + precision:<30} {rate:9.1f}")
     # With other processes on the cores, 2-thread ops wait on descheduled threads: read the
     # figures against the load.
     load = os.getloadavg()[0]
-    print(f"{'load_avg_1min':<26} {load:9.2f}  ({os.cpu_count()} cpus)")
+    print(f"{'load_avg_1min':<30} {load:9.2f}  ({os.cpu_count()} cpus)")
     if args.json:
         rounded = {k: None if v is None else round(v, 3) for k, v in result.items()}
-        print(json.dumps(rounded | {k: round(v, 1) for k, v in times_ms.items()} | {"load_avg_1min": round(load, 2)}))
+        rates = {k: {p: round(r, 1) for p, r in v.items()} for k, v in throughput.items()}
+        print(json.dumps(rounded | rates | {k: round(v, 1) for k, v in times_ms.items()}
+                         | {"load_avg_1min": round(load, 2)}))
 
 
 if __name__ == "__main__":

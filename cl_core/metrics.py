@@ -104,6 +104,46 @@ def forgetting(R: FloatArray) -> float:
     return float(np.mean(best_before_last - matrix[-1, :-1]))
 
 
+def bootstrap_matrices(correct: list[list[IntArray]], draws: int = 2000, seed: int = 0) -> npt.NDArray[np.float64]:
+    """[draws, T, T] accuracy matrices (fractions) over resampled test examples.
+
+    ``correct[i][j]`` holds 0/1 per test example of task ``j`` after stage ``i`` (``j <= i``),
+    the examples in the same order at every stage. Each draw resamples every task's test
+    examples once and applies the same indices at every stage, so stage-to-stage differences
+    (BwT) are paired; two runs evaluated on the same examples can share the draws (same seed).
+    """
+    num_tasks = len(correct)
+    rng = np.random.default_rng(seed)
+    out = np.full((draws, num_tasks, num_tasks), np.nan)
+    for j in range(num_tasks):
+        n = len(correct[j][j])
+        idx = rng.integers(0, n, size=(draws, n))
+        for i in range(j, num_tasks):
+            values = np.asarray(correct[i][j], dtype=np.float64)
+            if len(values) != n:
+                raise ValueError(f"correct[{i}][{j}] has {len(values)} examples, correct[{j}][{j}] has {n}")
+            out[:, i, j] = values[idx].mean(1)
+    return out
+
+
+def paired_difference(correct_a: list[list[IntArray]], correct_b: list[list[IntArray]], measure,
+                      draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``measure`` (e.g. average_accuracy) of run a minus run b, both evaluated on the same test
+    examples: (the difference, and the 2.5% and 97.5% percentiles over paired bootstrap draws)."""
+    def point(correct):
+        num_tasks = len(correct)
+        R = np.full((num_tasks, num_tasks), np.nan)
+        for i in range(num_tasks):
+            for j in range(i + 1):
+                R[i, j] = np.mean(correct[i][j])
+        return measure(R)
+
+    a, b = bootstrap_matrices(correct_a, draws, seed), bootstrap_matrices(correct_b, draws, seed)
+    diffs = np.array([measure(ra) - measure(rb) for ra, rb in zip(a, b)])
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return point(correct_a) - point(correct_b), float(low), float(high)
+
+
 @dataclass(frozen=True)
 class StripRate:
     """Strip rate per label present in the data, and their unweighted mean."""

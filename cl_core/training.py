@@ -92,7 +92,8 @@ def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: s
 @torch.no_grad()
 def evaluate_task(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
                   task_id_mode: str = "oracle", target_precision: float = 0.9) -> dict:
-    """Accuracy and strip rate of the model on one task's encoded examples."""
+    """Accuracy and strip rate of the model on one task's encoded examples, and whether each
+    example was answered correctly (for intervals over test examples)."""
     model.eval()
     device = next(model.parameters()).device
     probs, labels = [], []
@@ -105,4 +106,6 @@ def evaluate_task(model: ContinualModel, objective, method, examples: list[dict]
     p = torch.cat(probs).numpy().astype(np.float64)
     y = torch.cat(labels).numpy()
     strip = strip_rate(p, y, target_precision)
-    return {"accuracy": float((p.argmax(1) == y).mean()), "strip_rate": strip.macro, "n": len(y)}
+    correct = p.argmax(1) == y
+    return {"accuracy": float(correct.mean()), "strip_rate": strip.macro, "n": len(y),
+            "correct": correct.astype(int).tolist()}

@@ -188,7 +188,7 @@ def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_p
     for mode in modes:
         results = [evaluate_task(stage.model, stage.objective, stage.method, load_prepared(data_paths[t], "test"),
                                  cfg.eval.batch_size, mode, cfg.eval.target_precision) for t in range(upto + 1)]
-        rows[mode] = {"accuracy": [r["accuracy"] for r in results], "strip_rate": [r["strip_rate"] for r in results]}
+        rows[mode] = {key: [r[key] for r in results] for key in ("accuracy", "strip_rate", "correct")}
     out = {"rows": rows, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)

@@ -9,9 +9,11 @@ from cl_core.metrics import (
     StripRate,
     average_accuracy,
     backward_transfer,
+    bootstrap_matrices,
     cl_summary,
     forgetting,
     forward_transfer,
+    paired_difference,
     strip_rate,
 )
 
@@ -221,3 +223,41 @@ def test_strip_rate_refuses_bad_inputs(
 def test_strip_rate_refuses_target_outside_unit_interval(target: float) -> None:
     with pytest.raises(ValueError, match="target_precision"):
         strip_rate(STRIP_PROBS, STRIP_LABELS, target_precision=target)
+
+
+def _correct(rng, accuracies, n):
+    """correct[i][j] drawn with accuracy accuracies[i][j] on n examples (lower triangle)."""
+    return [[(rng.random(n) < accuracies[i][j]).astype(int) for j in range(i + 1)] for i in range(len(accuracies))]
+
+
+def test_bootstrap_matrices_resample_around_the_observed_accuracy():
+    rng = np.random.default_rng(0)
+    correct = _correct(rng, [[0.8], [0.6, 0.9]], 200)
+    draws = bootstrap_matrices(correct, draws=500)
+    assert draws.shape == (500, 2, 2) and np.isnan(draws[:, 0, 1]).all()
+    for i, j in ((0, 0), (1, 0), (1, 1)):
+        observed = correct[i][j].mean()
+        assert abs(draws[:, i, j].mean() - observed) < 0.01
+        assert 0.01 < draws[:, i, j].std() < 0.05  # about sqrt(p(1-p)/200)
+    with pytest.raises(ValueError, match=r"correct\[1\]\[0\] has 3 examples, correct\[0\]\[0\] has 200"):
+        bootstrap_matrices([[correct[0][0]], [np.ones(3, dtype=int), correct[1][1]]])
+
+
+def test_paired_difference_finds_a_planted_difference_and_none_where_there_is_none():
+    rng = np.random.default_rng(1)
+    base = _correct(rng, [[0.7], [0.5, 0.8], [0.5, 0.6, 0.8]], 300)
+    same = paired_difference(base, base, average_accuracy)
+    assert same == (0.0, 0.0, 0.0)
+    # Plant: run a answers 60 more examples of task 0 correctly after the last stage: +20 points
+    # on one of three tasks, +6.7 points of AA and +10 of BwT.
+    better = [[c.copy() for c in row] for row in base]
+    wrong = np.flatnonzero(better[2][0] == 0)[:60]
+    better[2][0][wrong] = 1
+    d, low, high = paired_difference(better, base, average_accuracy)
+    assert d == pytest.approx(20 / 3 / 100) and low <= d <= high and low > 0
+    d, low, high = paired_difference(better, base, backward_transfer)
+    assert d == pytest.approx(0.1) and low <= d <= high and low > 0
+    # Unpaired noise of the same size is not a difference: two draws of the same accuracies.
+    other = _correct(np.random.default_rng(2), [[0.7], [0.5, 0.8], [0.5, 0.6, 0.8]], 300)
+    d, low, high = paired_difference(other, base, average_accuracy)
+    assert low < 0 < high

@@ -83,9 +83,10 @@ def test_bf16_mixed_learns_as_float32_does():
     # The first loss differs by bf16 rounding only; both runs learn the task.
     assert abs(bf16_logs[0]["loss/task"] - fp32_logs[0]["loss/task"]) < 0.02 * fp32_logs[0]["loss/task"]
     assert bf16_logs[-1]["loss/task"] < 0.5 * bf16_logs[0]["loss/task"]
-    bf16_acc = evaluate_task(bf16_model, objective, method, test)["accuracy"]
+    bf16 = evaluate_task(bf16_model, objective, method, test)
     fp32_acc = evaluate_task(fp32_model, objective, method, test)["accuracy"]
-    assert fp32_acc >= 0.75 and abs(bf16_acc - fp32_acc) <= 0.1
+    assert fp32_acc >= 0.75 and abs(bf16["accuracy"] - fp32_acc) <= 0.1
+    assert len(bf16["correct"]) == bf16["n"] == len(test) and sum(bf16["correct"]) / bf16["n"] == bf16["accuracy"]
 
 
 def test_bf16_mixed_is_deterministic():
