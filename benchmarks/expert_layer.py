@@ -48,7 +48,7 @@ from cl_core.models import load_base_model, smollm2_gguf_spec
 from cl_core.objectives import LMObjective, TaskFormat
 from cl_core.precision import compute_autocast
 from cl_core.routers import build_router
-from cl_core.training import Learner, evaluate_task, trainable_parameters
+from cl_core.training import Learner, evaluate_task, to_device, trainable_parameters
 
 THREADS = 2
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M
@@ -63,16 +63,24 @@ EVAL_EXAMPLES, EVAL_PROMPT_TOKENS, EVAL_BATCH = 64, 96, 16
 Step = Callable[[], None]
 
 
-def median_times(steps: dict[str, Step], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each step; interleaved so background load is shared fairly."""
+def median_times(steps: dict[str, Step], warmup: int, repeats: int,
+                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Median seconds per call of each step; interleaved so background load is shared fairly.
+    On a GPU each call is timed until its kernels have finished."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -122,13 +130,13 @@ def grad_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return step
 
 
-def layer_steps() -> dict[str, Step]:
-    """The four layer variants on one LlamaMLP's weights, one input and one output gradient."""
+def layer_steps(device: torch.device) -> dict[str, Step]:
+    """The layer variants on one LlamaMLP's weights, one input and one output gradient."""
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu"))
-    x = torch.randn(BATCH, SEQ, HIDDEN, requires_grad=True)
-    grad_out = torch.randn(BATCH, SEQ, HIDDEN)
-    task_ids = torch.zeros(BATCH, dtype=torch.long)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")).to(device)
+    x = torch.randn(BATCH, SEQ, HIDDEN, device=device, requires_grad=True)
+    grad_out = torch.randn(BATCH, SEQ, HIDDEN, device=device)
+    task_ids = torch.zeros(BATCH, dtype=torch.long, device=device)
 
     fused = mixture_layer(mlp, "task", None, [ExpertMeta("shared0", "shared"), ExpertMeta("task0.0", "task", 0)])
     fused.context = RoutingContext(task_ids=task_ids)
@@ -206,10 +214,10 @@ def moe_cl_model(lm: nn.Module, source: str) -> tuple[ContinualModel, object]:
     return model, method
 
 
-def smollm2() -> tuple[nn.Module, object, str]:
+def smollm2(device: torch.device) -> tuple[nn.Module, object, str]:
     spec = smollm2_gguf_spec()
     lm, tok = load_base_model(spec)
-    return lm, tok, spec.source
+    return lm.to(device), tok, spec.source
 
 
 def model_steps(lm: nn.Module, tok, source: str) -> dict[str, Step]:
@@ -217,7 +225,7 @@ def model_steps(lm: nn.Module, tok, source: str) -> dict[str, Step]:
     on the same batch."""
     peft_lm = get_peft_model(copy.deepcopy(lm), lora_config()).train()
     objective = LMObjective(tok, [TaskFormat(name="bench", verbalizers=LABELS, max_length=SEQ)])
-    batch = answer_batch(objective, lm.config.vocab_size)
+    batch = to_device(answer_batch(objective, lm.config.vocab_size), next(lm.parameters()).device)
     learners = {}
     for name, base in (("moe_cl_step", copy.deepcopy(lm)), ("moe_cl_bf16_step", copy.deepcopy(lm).to(torch.bfloat16))):
         model, method = moe_cl_model(base, source)
@@ -254,10 +262,13 @@ def main() -> None:
     parser.add_argument("--model-repeats", type=int, default=5)
     parser.add_argument("--eval-repeats", type=int, default=3, help=f"timed label-scoring passes "
                         f"({EVAL_EXAMPLES} examples each) per precision")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU (benchmarks/gpu_check.sh)")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(THREADS)
 
-    t = median_times(layer_steps(), args.warmup, args.repeats)
+    t = median_times(layer_steps(device), args.warmup, args.repeats, device)
     result: dict[str, float | None] = {
         "fused_vs_peft_lora": t["fused"] / t["peft_lora"],
         "fused_vs_naive": t["fused"] / t["naive"],
@@ -269,14 +280,16 @@ def main() -> None:
     times_ms = {f"{name}_ms": seconds * 1e3 for name, seconds in t.items()}
     throughput = {}
     if not args.quick:
-        lm, tok, source = smollm2()
-        m = median_times(model_steps(lm, tok, source), args.model_warmup, args.model_repeats)
+        lm, tok, source = smollm2(device)
+        m = median_times(model_steps(lm, tok, source), args.model_warmup, args.model_repeats, device)
         result["model_step_vs_peft_lora"] = m["moe_cl_step"] / m["peft_lora_step"]
         result["model_step_bf16_vs_fp32"] = m["moe_cl_bf16_step"] / m["moe_cl_step"]
         times_ms.update({f"{name}_ms": seconds * 1e3 for name, seconds in m.items()})
-        e = median_times(eval_passes(lm, tok, source), args.model_warmup, args.eval_repeats)
+        e = median_times(eval_passes(lm, tok, source), args.model_warmup, args.eval_repeats, device)
         throughput = {"eval_examples_per_s": {"fp32": EVAL_EXAMPLES / e["eval_fp32"],
-                                              "bf16-mixed": EVAL_EXAMPLES / e["eval_bf16"]}}
+                                              "bf16-mixed": EVAL_EXAMPLES / e["eval_bf16"]},
+                      "train_tokens_per_s": {"fp32": BATCH * SEQ / m["moe_cl_step"],
+                                             "bf16-mixed": BATCH * SEQ / m["moe_cl_bf16_step"]}}
 
     for name, value in result.items():
         verdict = "skipped" if value is None else ("met" if value <= TARGETS[name] else "MISSED")
@@ -284,8 +297,9 @@ def main() -> None:
         print(f"{name:<30} {shown:>7}  target <= {TARGETS[name]}  {verdict}")
     for name, ms in times_ms.items():
         print(f"{name:<30} {ms:9.1f}")
-    for precision, rate in throughput.get("eval_examples_per_s", {}).items():
-        print(f"{'eval_examples_per_s ' + precision:<30} {rate:9.1f}")
+    for name, rates in throughput.items():
+        for precision, rate in rates.items():
+            print(f"{name + ' ' + precision:<30} {rate:9.1f}")
     # With other processes on the cores, 2-thread ops wait on descheduled threads: read the
     # figures against the load.
     load = os.getloadavg()[0]
@@ -293,8 +307,9 @@ def main() -> None:
     if args.json:
         rounded = {k: None if v is None else round(v, 3) for k, v in result.items()}
         rates = {k: {p: round(r, 1) for p, r in v.items()} for k, v in throughput.items()}
-        print(json.dumps(rounded | rates | {k: round(v, 1) for k, v in times_ms.items()}
-                         | {"load_avg_1min": round(load, 2)}))
+        memory = {"peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)} if device.type == "cuda" else {}
+        print(json.dumps(rounded | rates | {k: round(v, 1) for k, v in times_ms.items()} | memory
+                         | {"device": str(device), "load_avg_1min": round(load, 2)}))
 
 
 if __name__ == "__main__":
