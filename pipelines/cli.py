@@ -71,7 +71,9 @@ def cmd_status(args) -> int:
     cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     stages = json.loads((run_dir / "ledger.json").read_text())["stages"]
     names = [t.name for t in cfg.tasks]
-    print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}")
+    model = stages.get("model", {}).get("outputs", {})
+    precision = model.get("precision", f"{cfg.training.precision}, not resolved yet")
+    print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}, precision {precision}")
     for t, name in enumerate(names):
         states = [f"{s}:{'done' if f'task{t}/{s}' in stages else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
         print(f"  task{t} {name:<28} " + "  ".join(states))

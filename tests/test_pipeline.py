@@ -150,6 +150,9 @@ def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tm
     assert {t.dtype for t in bank.values()} == {torch.float32}  # what trains stays float32
     R, fp32 = result.matrices["oracle"], zero2_run[2].matrices["oracle"]
     assert R[0, 0] >= 75 and R[1, 1] >= 75 and np.nanmax(np.abs(R - fp32)) <= 10
+    status = subprocess.run(CLPIPE + ["status", result.run_id, "--storage", str(tmp_path / "whole")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert status.returncode == 0 and "precision bf16-mixed" in status.stdout.splitlines()[0]
     summary = _killed_during_task1_training_then_rerun(run, tmp_path / "killed")
     assert summary["precision"] == "bf16-mixed"
     assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), R, equal_nan=True)
