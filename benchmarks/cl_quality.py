@@ -153,7 +153,7 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))
             training = cfg.training
-            budget = (f"Budget: SmolLM2-135M-Instruct (float32, CPU), {args.train_examples} training and "
+            budget = (f"Budget: SmolLM2-135M-Instruct ({result.precision}, CPU), {args.train_examples} training and "
                       f"{args.test_examples} test examples per task, {training.epochs} epoch(s), LoRA rank "
                       f"{cfg.bank.rank}, lr {training.lr:g}, batch {training.batch_size}, max length "
                       f"{training.max_length}, seed {training.seed}.")
