@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from cl_core.bank import BankConfig
-from cl_core.methods import build_method
 from cl_core.model import ContinualModel
 from cl_core.models import ModelSpec, load_base_model
 from cl_core.objectives import build_objective
@@ -31,7 +30,7 @@ class Stage:
 def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
     """A GGUF model dequantised once into an HF directory, so every stage loads it in a second
     instead of re-reading the GGUF (~25 s on 2 cores). Other kinds are returned as they are."""
-    spec = cfg.model.spec()
+    spec = cfg.model.resolved()
     if spec.kind != "gguf":
         return spec
     key = spec.source.replace("/", "_").replace(":", "_")[-120:]
@@ -71,9 +70,9 @@ def build_stage(cfg: RunConfig, base: ModelSpec, parent_bank: Path | None = None
     The bank's identity is the configured model (e.g. the GGUF file), not the cached copy it loads from.
     """
     lm, tokenizer = load_base_model(base)
-    method = build_method(cfg.method.name, **cfg.method.params)
+    method = cfg.method.build()
     torch.manual_seed(cfg.training.seed)  # identical initial experts on every rank and every rerun
-    model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.spec().source)
+    model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.source)
     formats = [task_format(t, cfg.training.max_length) for t in cfg.tasks]
     objective = build_objective(cfg.objective, tokenizer, formats)
     if parent_bank is not None:

@@ -24,6 +24,7 @@ import yaml
 from cl_core.bank import atomic_write_text
 from cl_core.methods import METHODS
 from cl_core.metrics import cl_summary
+from cl_core.models import ModelSpec
 from pipelines import stages
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import load_split
@@ -187,23 +188,24 @@ class Driver:
         opts = stages.task_options(cfg)
         cache = self.storage / "cache"
         base = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
-            self.cfg_dict, str(cache / "models")))["spec"]
+            cfg, str(cache / "models")))["spec"]
+        base = ModelSpec.model_validate(base)  # the ledger holds it as JSON
         data = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
-            self.cfg_dict, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
+            cfg, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
         baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
-            self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
+            cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
             untrained=True))
         if not self.overlap_eval:
             self.settle(baseline)
 
         parent_bank, evaluation = None, None
-        plans = getattr(METHODS[cfg.method.name], "plans_tasks", False)
+        plans = METHODS[cfg.method.name].method.plans_tasks
         for t, task in enumerate(cfg.tasks):
             start_bank = parent_bank  # what train and bank build on: the parent, or the parent + the plan
             if plans:
                 plan_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}.plan")
                 start_bank = self.stage(f"task{t}/plan", lambda _, t=t: stages.plan.options(**opts).remote(
-                    self.cfg_dict, t, base, parent_bank, data[t], plan_dir))["path"]
+                    cfg, t, base, parent_bank, data[t], plan_dir))["path"]
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
@@ -212,12 +214,12 @@ class Driver:
                 self._evaluated(t - 1, self.settle(evaluation))
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
             built = self.stage(f"task{t}/bank", lambda _, t=t: stages.bank.options(**opts).remote(
-                self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir))
+                cfg, t, base, start_bank, trained["tensors"], data[t], bank_dir))
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
             evaluation = self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(**opts).remote(
-                self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json")))
+                cfg, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json")))
             if not self.overlap_eval:
                 self._evaluated(t, self.settle(evaluation))
                 evaluation = None

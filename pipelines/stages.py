@@ -2,7 +2,8 @@
 
 Each is a function of (config, task index, upstream outputs) that writes its outputs atomically
 and returns a small dict for the ledger, including `compute_s`, the seconds spent on the stage's
-own work (so the driver can tell compute from orchestration overhead).
+own work (so the driver can tell compute from orchestration overhead). The config and the base
+model spec arrive as the driver validated them (pickled by Ray), not re-parsed from dicts.
 """
 
 from __future__ import annotations
@@ -46,25 +47,23 @@ def task_options(cfg: RunConfig) -> dict:
 
 
 @ray.remote
-def materialize(cfg_dict: dict, cache_root: str) -> dict:
+def materialize(cfg: RunConfig, cache_root: str) -> dict:
     start = time.perf_counter()
-    spec = materialize_base_model(RunConfig.model_validate(cfg_dict), Path(cache_root))
-    return {"spec": spec.__dict__, "compute_s": time.perf_counter() - start}
+    spec = materialize_base_model(cfg, Path(cache_root))
+    return {"spec": spec.model_dump(), "compute_s": time.perf_counter() - start}
 
 
 @ray.remote
-def prepare(cfg_dict: dict, task: int, base: dict, cache_root: str) -> dict:
+def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict:
     start = time.perf_counter()
-    cfg = RunConfig.model_validate(cfg_dict)
-    spec = ModelSpec(**base)
-    summary = prepare_task(cfg.tasks[task], task, load_tokenizer(spec), spec.source, cfg.training.max_length,
+    summary = prepare_task(cfg.tasks[task], task, load_tokenizer(base), base.source, cfg.training.max_length,
                            cfg.training.seed, cfg.data, Path(cache_root))
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
 
 
-def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_bank: str | None,
+def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
           storage_path: Path, tracking: dict | None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
     resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
@@ -75,7 +74,7 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"run_config": cfg.model_dump(), "task": task, "base_model": ModelSpec(**base),
+        train_loop_config={"run_config": cfg, "task": task, "base_model": base,
                            "data": data_paths, "parent_bank": parent_bank, "mlflow": tracking,
                            "threads": cfg.ray.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -97,13 +96,12 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
 
 
 @ray.remote
-def plan(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, data_path: str, out_dir: str) -> dict:
+def plan(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, data_path: str, out_dir: str) -> dict:
     """The method's `plan_task` (e.g. CMoE's probe) on the earlier tasks' bank → that bank plus the
     plan in its method state: the parent of the task's train and bank stages."""
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank))
+    stage = build_stage(cfg, base, parent_bank and Path(parent_bank))
     model = stage.model
     model.to(_device(cfg))
     examples = load_prepared(data_path, "train")
@@ -128,13 +126,12 @@ def plan(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, data_pa
 
 
 @ray.remote
-def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors: str, data_path: str,
+def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, tensors: str, data_path: str,
          out_dir: str) -> dict:
     """The trained tensors + the method's after-task work (Fisher, memories) → a verified bank."""
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank), setup_task=task)
+    stage = build_stage(cfg, base, parent_bank and Path(parent_bank), setup_task=task)
     model = stage.model
     model.load_bank_state_dict(load_file(tensors))
     model.tasks = [t.name for t in cfg.tasks[: task + 1]]
@@ -159,7 +156,7 @@ def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors
 
 
 @ray.remote
-def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_paths: list[str],
+def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
              out_file: str, untrained: bool = False) -> dict:
     """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
 
@@ -167,8 +164,7 @@ def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_p
     """
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), bank_dir and Path(bank_dir))
+    stage = build_stage(cfg, base, bank_dir and Path(bank_dir))
     if untrained:
         for t in range(len(cfg.tasks)):
             stage.method.setup_task(stage.model, t)

@@ -110,7 +110,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file, save_file
 
     skip_shm_jit()
-    cfg = RunConfig.model_validate(config["run_config"])
+    cfg: RunConfig = config["run_config"]  # validated by the driver, pickled by Ray
     task = config["task"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -258,18 +258,6 @@ def apply_params(base: dict, params: dict[str, Any]) -> dict:
     return data
 
 
-def _check_run_config(data: dict, source: str, base_dir: Path) -> RunConfig:
-    """parse_config, and the method's own parameter check (method.params is free-form there)."""
-    from cl_core.methods import build_method
-
-    cfg = parse_config(data, source, base_dir)
-    try:
-        build_method(cfg.method.name, **cfg.method.params)
-    except ValueError as e:
-        raise ConfigError(f"{source}: method.params: {e}") from None
-    return cfg
-
-
 def validate_search(search_data: Any, base_data: dict, search_source: str = "<search>",
                     run_source: str = "<run>", base_dir: Path | None = None) -> SearchConfig:
     """The search file, checked against the run config before any compute: every value a trial can
@@ -281,7 +269,7 @@ def validate_search(search_data: Any, base_data: dict, search_source: str = "<se
     except ValidationError as e:
         raise ConfigError(_format_error(search_source, e)) from None
     base_dir = base_dir or Path.cwd()
-    base_cfg = _check_run_config(copy.deepcopy(base_data), run_source, base_dir)
+    base_cfg = parse_config(copy.deepcopy(base_data), run_source, base_dir)
     for path, domain in search.space.items():
         try:
             check_path(path)
@@ -289,7 +277,7 @@ def validate_search(search_data: Any, base_data: dict, search_source: str = "<se
             raise ConfigError(f"{search_source}: space.{path}: not a field of the run config: {e}") from None
         for value in domain.probe_values():
             try:
-                _check_run_config(apply_params(base_data, {path: value}), f"{run_source} with {path}={value!r}",
+                parse_config(apply_params(base_data, {path: value}), f"{run_source} with {path}={value!r}",
                                   base_dir)
             except ConfigError as e:
                 raise ConfigError(f"{search_source}: space.{path}: value {value!r} does not fit the run config: "
@@ -298,7 +286,7 @@ def validate_search(search_data: Any, base_data: dict, search_source: str = "<se
         combos = _grid_combinations(search)
         for params in combos[:GRID_CHECKS_MAX]:
             try:
-                _check_run_config(_trial_data(base_data, base_cfg.name, params, search), run_source, base_dir)
+                parse_config(_trial_data(base_data, base_cfg.name, params, search), run_source, base_dir)
             except ConfigError as e:
                 raise ConfigError(f"{search_source}: the trial {params} does not fit the run config: {e}") from None
     n_tasks = len(base_cfg.tasks)

@@ -256,7 +256,7 @@ def test_bank_round_trip(name, two_tasks):
 
 
 def test_registered_with_oracle_and_routable_flags():
-    flags = {name: (METHODS[name].oracle, METHODS[name].routable, METHODS[name].router) for name in BASELINES}
+    flags = {name: (METHODS[name].method.oracle, METHODS[name].method.routable, METHODS[name].method.router) for name in BASELINES}
     assert flags == {
         "ewc": (False, True, "learned"),
         "mocl": (False, True, "similarity"),
@@ -266,7 +266,7 @@ def test_registered_with_oracle_and_routable_flags():
         "replay": (False, True, "learned"),
         "seq_lora": (False, True, "learned"),
     }
-    assert {name for name in BASELINES if getattr(METHODS[name], "mixes_tasks", False)} == {"replay", "mtl"}
+    assert {name for name in BASELINES if getattr(METHODS[name].method, "mixes_tasks", False)} == {"replay", "mtl"}
     for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"ratio": -0.1}),
                       ("mocl", {"match_weight": -1}), ("mocl", {"key_scale": 0})]:
         with pytest.raises(ValueError):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from cl_core.experts import ExpertMeta, RoutingContext
-from cl_core.methods import Method, register
+from cl_core.methods import Method, MethodParams, register
 from cl_core.model import ContinualModel
 
 
@@ -39,20 +40,17 @@ def key_tasks(layer) -> list[int]:
     return [layer.expert_meta[e].task for e in layer.router.keyed_experts]
 
 
-@register
+class MoCLParams(MethodParams):
+    match_weight: float = Field(1.0, ge=0)
+    key_scale: float = Field(0.01, gt=0)
+
+
+@register(MoCLParams)
 class MoCL(Method):
     name = "mocl"
     router = "similarity"
     routable = True
     oracle = False
-
-    def __init__(self, match_weight: float = 1.0, key_scale: float = 0.01):
-        if match_weight < 0:
-            raise ValueError("mocl.match_weight must be >= 0")
-        if key_scale <= 0:
-            raise ValueError("mocl.key_scale must be > 0")
-        self.match_weight = match_weight
-        self.key_scale = key_scale
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         name = f"task{task}"
@@ -60,7 +58,7 @@ class MoCL(Method):
             model.bank.add_expert(ExpertMeta(name=name, kind="task", task=task))
             with torch.no_grad():
                 for layer in model.bank.layers:
-                    layer.router.keys[-1].mul_(self.key_scale)
+                    layer.router.keys[-1].mul_(self.params.key_scale)
         model.bank.set_trainable(False)
         model.bank.set_trainable(True, task=task)
         for layer in model.bank.layers:
@@ -74,7 +72,7 @@ class MoCL(Method):
         return {"query": self.query(model, batch)}
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if not self.match_weight:
+        if not self.params.match_weight:
             return {}
         task_ids = batch["task_ids"]
         losses = []
@@ -83,7 +81,7 @@ class MoCL(Method):
             index = torch.tensor([column[t] for t in task_ids.tolist()], device=task_ids.device)
             keys = torch.stack(list(layer.router.keys))[index]  # [B, q]: each sample's own task key
             losses.append((1 - F.cosine_similarity(ctx.query.to(keys.dtype), keys, dim=-1)).mean())
-        return {"match": self.match_weight * torch.stack(losses).mean()}
+        return {"match": self.params.match_weight * torch.stack(losses).mean()}
 
     @torch.no_grad()
     def similarities(self, model: ContinualModel, batch: dict) -> tuple[torch.Tensor, list[int]]:

@@ -13,7 +13,7 @@ from cl_core.methods import register
 from cl_core.methods.seq_lora import SeqLoRA
 
 
-@register
+@register()
 class MTL(SeqLoRA):
     name = "mtl"
     oracle = True

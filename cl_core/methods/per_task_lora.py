@@ -28,7 +28,7 @@ def add_task_lora(model: ContinualModel, task: int) -> None:
         layer.router.requires_grad_(False)
 
 
-@register
+@register()
 class PerTaskLoRA(Method):
     name = "per_task_lora"
     router = "task"

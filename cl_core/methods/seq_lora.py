@@ -36,12 +36,15 @@ def add_shared_lora(model: ContinualModel) -> None:
         layer.router.requires_grad_(False)
 
 
-@register
+@register()
 class SeqLoRA(Method):
     name = "seq_lora"
     router = "learned"
     routable = True
     oracle = False
+
+    def experts_per_layer(self, tasks: int) -> int:
+        return 1
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         add_shared_lora(model)
