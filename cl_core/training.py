@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cl_core.metrics import strip_rate
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import collate_prompts
 
 

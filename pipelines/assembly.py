@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from cl_core.bank import BankConfig
-from cl_core.model import ContinualModel
-from cl_core.models import ModelSpec, load_base_model
+from cl_core.base_model import ModelSpec, load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import build_objective
 from pipelines.config import RunConfig
 from pipelines.data import task_format

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
     model_validator
 
 from cl_core.methods import METHODS, Method, MethodParams, build_method, method_params
-from cl_core.models import ModelSpec, hidden_size_of
+from cl_core.base_model import ModelSpec, hidden_size_of
 
 # Run and task names become folder names (`<run>-<hash>/`, `banks/task<i>-<name>/`): no path
 # separators, no leading dot.

@@ -24,7 +24,7 @@ import yaml
 from cl_core.bank import atomic_write_text
 from cl_core.methods import METHODS
 from cl_core.metrics import cl_summary
-from cl_core.models import ModelSpec
+from cl_core.base_model import ModelSpec
 from pipelines import stages
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import load_split

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_core.bank import BankError, atomic_write_text, load_bank
-from cl_core.models import ModelSpec, load_tokenizer
+from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.training import evaluate_task, plan_task
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import RunConfig

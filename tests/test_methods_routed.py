@@ -13,8 +13,8 @@ from cl_core.methods.dual_router import EMA, STEPS
 from cl_core.methods.seta import PREFIX, shared_parameters
 
 FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
-from cl_core.model import ContinualModel
-from cl_core.models import ModelSpec, load_base_model
+from cl_core.base_model import ModelSpec, load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, collate_prompts
 from cl_core.training import Learner, evaluate_task, routing_for_eval, train_steps, trainable_parameters
 from tests.conftest import batches, synthetic_task, tiny_model

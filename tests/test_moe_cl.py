@@ -8,7 +8,7 @@ import torch
 from cl_core.bank import BankError, TENSORS_FILE, MANIFEST_FILE
 from cl_core.methods import build_method
 from cl_core.methods.moe_cl import grad_reverse
-from cl_core.models import ModelSpec
+from cl_core.base_model import ModelSpec
 from cl_core.objectives import LMObjective, HeadObjective, positions, _pad
 from cl_core.training import Learner, evaluate_task, train_steps
 from tests.conftest import batches, synthetic_task, tiny_model
@@ -165,8 +165,8 @@ def test_bank_for_another_base_model_names_the_field(tmp_path):
     method.setup_task(model, 0)
     model.save(tmp_path / "b")
     from cl_core.bank import BankConfig
-    from cl_core.model import ContinualModel
-    from cl_core.models import load_base_model
+    from cl_core.base_model import load_base_model
+    from cl_core.continual_model import ContinualModel
     other_spec = ModelSpec(kind="tiny", hidden_size=64, num_layers=3, vocab_size=256)
     other = ContinualModel(load_base_model(other_spec)[0], BankConfig(), other_spec.source)
     with pytest.raises(BankError, match="field 'config_sha256'|field 'num_hidden_layers'"):

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from cl_core.experts import RoutingContext
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 
 class MethodParams(BaseModel):

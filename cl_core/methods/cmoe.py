@@ -56,7 +56,7 @@ from torch import nn
 
 from cl_core.experts import ExpertMeta, LoRAExpert, Route, RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 from cl_core.routers import TaskRouter
 
 PLAN = "cmoe.plan."

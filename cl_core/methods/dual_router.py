@@ -39,7 +39,7 @@ from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.moe_cl import add_task_experts
 from cl_core.methods.cmoe import prompt_query
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 EMA = "dual.ema."
 STEPS = "dual.ema_steps"

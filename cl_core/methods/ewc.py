@@ -21,7 +21,7 @@ from cl_core.anchoring import anchor_penalty, store_fisher
 from cl_core.experts import RoutingContext
 from cl_core.methods import MethodParams, register
 from cl_core.methods.seq_lora import SeqLoRA
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 PREFIX = "ewc."
 

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from cl_core.experts import ExpertMeta, RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 
 def prompt_mask(batch: dict) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pydantic import Field
 from cl_core.experts import RoutingContext
 from cl_core.methods import MethodParams, register
 from cl_core.methods.per_task_lora import PerTaskLoRA
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 A_FACTORS = ("A_gate", "A_up", "A_down")
 

@@ -21,7 +21,7 @@ import torch
 
 from cl_core.experts import ExpertMeta
 from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 SHARED = "shared"
 
