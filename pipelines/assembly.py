@@ -4,13 +4,12 @@ config values reach cl_core (as plain arguments)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cl_core.atomic import publish_dir, staging_dir
 from cl_core.bank import BankConfig
 from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
@@ -44,17 +43,11 @@ def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
         del config.quantization_config
     plain = type(lm)(config)
     plain.load_state_dict(lm.state_dict())
-    tmp = cache_root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "clpipe_source.json").write_text(json.dumps({"source": spec.source}))
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process materialized the same model meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():
-            raise
+    publish_dir(tmp, out)  # False: another process materialized the same model meanwhile; same content
     return ModelSpec(kind="hf", path=str(out), dtype=spec.dtype)
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from cl_core.bank import atomic_write_text
+from cl_core.atomic import atomic_write_text
 from cl_core.methods import METHODS
 from cl_core.metrics import cl_summary
 from cl_core.base_model import ModelSpec

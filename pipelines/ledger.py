@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from cl_core.bank import atomic_write_text
+from cl_core.atomic import atomic_write_text
 
 LEDGER_FILE = "ledger.json"
 

@@ -16,7 +16,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from cl_core.bank import BankError, atomic_write_text, load_bank
+from cl_core.atomic import atomic_write_text
+from cl_core.bank import BankError, load_bank
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.training import evaluate_task, plan_task
 from pipelines.assembly import build_stage, materialize_base_model
