@@ -47,12 +47,6 @@ class Ledger:
             self.data["stages"].pop(key, None)
         self._write()
 
-    def done_keys(self) -> list[str]:
-        return list(self.data["stages"])
-
-    def meta(self, key: str, default=None):
-        return self.data["meta"].get(key, default)
-
     def set_meta(self, key: str, value) -> None:
         self.data["meta"][key] = value
         self._write()

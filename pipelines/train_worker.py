@@ -28,6 +28,7 @@ from pipelines.data import load_prepared
 ENGINE_TAG = "engine"
 BANK_TENSORS = "bank_tensors.safetensors"
 PROGRESS = "progress.json"
+LOG_EVERY = 10  # steps per batch of losses sent to MLflow and per progress report to Ray Train
 
 
 def skip_shm_jit() -> None:
@@ -150,7 +151,7 @@ def train_loop(config: dict) -> None:
         from mlflow import MlflowClient
         client = MlflowClient(tracker["tracking_uri"])
     device = engine.device
-    log_every, every = config.get("log_every", 10), cfg.training.checkpoint_every
+    every = cfg.training.checkpoint_every
     pending, started, checkpoint_s = [], time.perf_counter(), 0.0
     for step in range(start, len(schedule)):
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
@@ -166,9 +167,9 @@ def train_loop(config: dict) -> None:
         done = step + 1
         pending.append((done, logs))
         last = done == len(schedule)
-        if client is not None and (done % log_every == 0 or last):
+        if client is not None and (done % LOG_EVERY == 0 or last):
             _log_losses(client, tracker["run_id"], pending)
-        if done % log_every == 0 or last:
+        if done % LOG_EVERY == 0 or last:
             pending = []
         metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"], "resumed_from": start,
                    "partitioned_params": partitioned,
@@ -186,7 +187,7 @@ def train_loop(config: dict) -> None:
                     (Path(d) / PROGRESS).write_text(json.dumps({"step": done, "steps": len(schedule)}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             checkpoint_s += time.perf_counter() - checkpoint_start
-        elif done % log_every == 0:
+        elif done % LOG_EVERY == 0:
             ray.train.report(metrics)
 
 

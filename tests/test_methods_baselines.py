@@ -115,9 +115,9 @@ def _n_experts(model) -> list[int]:
 def check_seq_lora(s0, s1, tmp_path, two_tasks):
     assert _n_experts(s1["model"]) == [1, 1] and s1["model"].bank.expert_names() == ["shared"]
     assert s0["acc"][0] >= LEARNED[0]
-    # the one LoRA keeps training on task 1 (and forgets task 0 as it may)
+    # the one LoRA keeps training on task 1, and nothing keeps task 0 (measured 0.88 -> 0.50)
     assert not all(torch.equal(v, s1["model"].bank_state_dict()[k]) for k, v in _experts(s1["before"], 0).items())
-    assert s1["acc"][1] >= LEARNED[1] and 0.0 <= s1["acc"][0] <= 1.0
+    assert s1["acc"][1] >= LEARNED[1] and s1["acc"][0] < s0["acc"][0] - 0.2
     print(f"seq_lora: task-0 accuracy {s0['acc'][0]:.2f} after task 0, {s1['acc'][0]:.2f} after task 1")
     # no task id needed: the inferred mode (task ids -1) gives the oracle's accuracy
     inferred = evaluate_task(s1["model"], s1["objective"], s1["method"], s1["test"][0], task_id_mode="inferred")

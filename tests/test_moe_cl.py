@@ -32,12 +32,13 @@ def test_lm_training_lowers_loss_and_beats_chance():
     model, objective, method, examples = _moe_cl()
     method.setup_task(model, 0)
     learner = Learner(model, objective, method)
-    before = evaluate_task(model, objective, method, examples[0])["accuracy"]
+    before = evaluate_task(model, objective, method, examples[0])
     losses = [log["loss"] for log in train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)]
     after = evaluate_task(model, objective, method, examples[0])
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
-    assert after["accuracy"] >= 0.9 > before
-    assert 0.0 <= after["strip_rate"] <= 1.0
+    assert after["accuracy"] >= 0.9 > before["accuracy"]
+    # measured 0.06 -> 0.96: at 90% precision the trained model keeps most answers, the untrained few
+    assert after["strip_rate"] >= 0.8 > 0.2 >= before["strip_rate"]
 
 
 def test_frozen_expert_is_bit_identical_after_training_another_task():

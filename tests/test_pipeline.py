@@ -96,11 +96,6 @@ def test_more_workers_than_the_cluster_has(ray_local):
         check_cluster(cfg)
 
 
-def _ray_pids_of(session_marker: str) -> list[int]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:] if session_marker in line]
-
-
 def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_run("seq")))
