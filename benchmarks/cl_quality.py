@@ -148,7 +148,7 @@ def main() -> None:
                 "task_agnostic_AA": result.summary["inferred"]["AA"] if "inferred" in result.summary else None,
                 "trainable_params": bank_size(result.run_dir, len(cfg.tasks)),
                 "wall_s": sum(result.stage_seconds.values()) or time.perf_counter() - start,
-                "oracle": bool(getattr(METHODS[method].method, "oracle", False)),
+                "oracle": METHODS[method].method.oracle,
             })
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cl_core.atomic import atomic_write_text
 from cl_core.bank import BankError, load_bank
 from cl_core.base_model import ModelSpec, load_tokenizer
-from cl_core.training import evaluate_task, plan_task
+from cl_core.training import evaluate_task, plan_task, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
@@ -143,13 +143,8 @@ def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, te
         for s in range(0, len(examples), size):
             yield stage.objective.collate(examples[s:s + size])
 
-    def loss_fn(batch):
-        with model.bank.routing(attention_mask=batch["attention_mask"],
-                                **stage.method.routing_fields(model, batch, training=True)):
-            return stage.objective.loss(model, batch)
-
     model.eval()
-    stage.method.after_task(model, task, batches, loss_fn)
+    stage.method.after_task(model, task, batches, task_loss_fn(model, stage.objective, stage.method))
     manifest = model.save(Path(out_dir), parent=parent_bank, extra={"task": task, "method": cfg.method.name})
     load_bank(Path(out_dir), model.identity)  # read back and verify before the ledger says done
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],

@@ -128,7 +128,7 @@ def train_loop(config: dict) -> None:
     partitioned = sum(not getattr(p, "ds_persist", True) for p in learner.parameters())
 
     current = load_prepared(config["data"][task], "train")
-    earlier = [load_prepared(p, "train") for p in config["data"][:task]]
+    earlier = [load_prepared(p, "train") for p in config["data"][:task]] if stage.method.uses_earlier_examples else []
     examples = stage.method.training_examples(task, current, earlier, cfg.training.seed)
     schedule = micro_batches(len(examples), cfg, task, rank, world)
 

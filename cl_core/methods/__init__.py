@@ -37,10 +37,15 @@ METHODS: dict[str, RegisteredMethod] = {}
 
 
 class Method:
+    """What a method is, read as class attributes, and its hooks (no-op defaults)."""
+
     name: str
     router = "task"  # the bank router kind this method needs
     routable = False  # can it route without a task id at inference?
+    oracle = False  # a reference that breaks the continual setting (true task ids, all data), not a rival
     plans_tasks = False  # does `plan_task` need to run before `setup_task`?
+    mixes_tasks = False  # do its batches hold several tasks (then it needs the `lm` objective)?
+    uses_earlier_examples = False  # does `training_examples` read earlier tasks' examples? (loaded only then)
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else METHODS[self.name].params()
@@ -69,7 +74,8 @@ class Method:
         return {}
 
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
-        """The examples to train task `task` on, given every earlier task's training examples."""
+        """The examples to train task `task` on; `earlier` holds every earlier task's training examples
+        where `uses_earlier_examples` is set, and is empty otherwise."""
         return current
 
     def after_step(self, model: ContinualModel) -> None:

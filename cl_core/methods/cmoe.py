@@ -56,26 +56,13 @@ from torch import nn
 
 from cl_core.experts import ExpertMeta, LoRAExpert, Route, RoutingContext
 from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import prompt_query
 from cl_core.continual_model import ContinualModel
 from cl_core.routers import TaskRouter
 
 PLAN = "cmoe.plan."
 FREQ = "cmoe.probe_freq."
 LOC_MEAN, LOC_VAR, LOC_COUNT = "cmoe.loc.mean", "cmoe.loc.var", "cmoe.loc.count"
-
-
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """The prompt tokens: attention mask, minus answer tokens where the batch has LM labels, so
-    training batches (prompt + answer) and evaluation batches (prompt) give the same features."""
-    mask = batch["attention_mask"]
-    if "labels" in batch:
-        mask = mask * (batch["labels"] == -100).to(mask.dtype)
-    return mask
-
-
-def prompt_query(model: ContinualModel, batch: dict) -> torch.Tensor:
-    """Frozen per-sample features [B, q]: mean input embedding of the prompt tokens."""
-    return model.bank.query(batch["input_ids"], prompt_mask(batch))
 
 
 def serving_task(layer, task: int) -> int | None:

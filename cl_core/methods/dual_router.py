@@ -37,8 +37,7 @@ from pydantic import Field
 
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.methods.moe_cl import add_task_experts
-from cl_core.methods.cmoe import prompt_query
+from cl_core.methods.common import add_task_experts, prompt_query
 from cl_core.continual_model import ContinualModel
 
 EMA = "dual.ema."

@@ -24,15 +24,8 @@ from pydantic import Field
 
 from cl_core.experts import ExpertMeta, RoutingContext
 from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import prompt_query
 from cl_core.continual_model import ContinualModel
-
-
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """The prompt tokens: attention mask, minus answer tokens where the batch has labels."""
-    mask = batch["attention_mask"]
-    if "labels" in batch:
-        mask = mask * (batch["labels"] == -100).to(mask.dtype)
-    return mask
 
 
 def key_tasks(layer) -> list[int]:
@@ -65,11 +58,8 @@ class MoCL(Method):
             for key, owner in zip(layer.router.keys, key_tasks(layer)):
                 key.requires_grad_(owner == task)
 
-    def query(self, model: ContinualModel, batch: dict) -> torch.Tensor:
-        return model.bank.query(batch["input_ids"], prompt_mask(batch))
-
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
-        return {"query": self.query(model, batch)}
+        return {"query": prompt_query(model, batch)}
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if not self.params.match_weight:
@@ -86,7 +76,7 @@ class MoCL(Method):
     @torch.no_grad()
     def similarities(self, model: ContinualModel, batch: dict) -> tuple[torch.Tensor, list[int]]:
         """cos(query, key) averaged over layers [B, K], and the task of each key."""
-        query = self.query(model, batch)
+        query = prompt_query(model, batch)
         sims = torch.stack([layer.router.similarities(query) for layer in model.bank.layers]).mean(0)
         return sims, key_tasks(model.bank.layers[0])
 

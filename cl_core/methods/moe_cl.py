@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cl_core.experts import ExpertMeta, RoutingContext
+from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import add_task_experts
 from cl_core.continual_model import ContinualModel
 
 
@@ -47,17 +48,6 @@ def discriminator_input(features: torch.Tensor) -> torch.Tensor:
     the task information, to play with.
     """
     return F.layer_norm(features, features.shape[-1:])
-
-
-def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int = 1) -> None:
-    """Shared experts at the first task, then `experts_per_task` new experts for `task`; experts
-    the bank already has (e.g. loaded from a saved bank) are not added again."""
-    names = model.bank.expert_names()
-    wanted = [ExpertMeta(name=f"shared{i}", kind="shared") for i in range(shared_experts if task == 0 else 0)]
-    wanted += [ExpertMeta(name=f"task{task}.{j}", kind="task", task=task) for j in range(experts_per_task)]
-    for meta in wanted:
-        if meta.name not in names:
-            model.bank.add_expert(meta)
 
 
 def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:

@@ -18,6 +18,7 @@ class MTL(SeqLoRA):
     name = "mtl"
     oracle = True
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
+    uses_earlier_examples = True
 
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
         joint = [ex for examples in earlier for ex in examples] + list(current)

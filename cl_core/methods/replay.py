@@ -44,6 +44,7 @@ class ReplayParams(MethodParams):
 class Replay(SeqLoRA):
     name = "replay"
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
+    uses_earlier_examples = True
 
     def per_task_count(self, current: list[dict]) -> int:
         if self.params.ratio is not None:
