@@ -479,11 +479,13 @@ def _prewarm(ctx: dict) -> None:
 
     from pipelines import stages
 
+    from cl_core.base_model import ModelSpec
+
     cfg = trial_config(ctx, {})
-    opts, d = stages.task_options(cfg), cfg.model_dump()
+    opts = stages.task_options(cfg)
     cache = Path(ctx["storage"]) / "trials" / "cache"
-    base = ray.get(stages.materialize.options(**opts).remote(d, str(cache / "models")))["spec"]
-    ray.get([stages.prepare.options(**opts).remote(d, t, base, str(cache / "prepared")) for t in range(len(cfg.tasks))])
+    base = ModelSpec.model_validate(ray.get(stages.materialize.options(**opts).remote(cfg, str(cache / "models")))["spec"])
+    ray.get([stages.prepare.options(**opts).remote(cfg, t, base, str(cache / "prepared")) for t in range(len(cfg.tasks))])
 
 
 def _tuner(ctx: dict, search: SearchConfig, concurrency: int, experiment_dir: Path, n_tasks: int):
