@@ -39,6 +39,15 @@ def _checked_matrix(R: FloatArray, task_names: Sequence[str]) -> npt.NDArray[np.
     return matrix
 
 
+def accuracy_matrix(rows: Sequence[Sequence[float]], tasks: int) -> FloatArray:
+    """R[stage, task] in percent from evaluate-stage rows (fractions; row t covers tasks 0..t),
+    NaN where nothing is measured yet (tasks not yet seen, stages not yet evaluated)."""
+    R = np.full((tasks, tasks), np.nan)
+    for t, row in enumerate(rows):
+        R[t, : len(row)] = np.array(row) * 100
+    return R
+
+
 def matrix_csv(R: FloatArray, task_names: Sequence[str], path: PathLike) -> None:
     """Write ``R`` as CSV: header ``stage,<task>...``, one row per stage, empty cell for NaN.
 

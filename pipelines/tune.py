@@ -55,7 +55,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
@@ -361,10 +360,9 @@ def trial_config(ctx: dict, params: dict) -> RunConfig:
 # -- one trial (runs in a Tune trial actor) --------------------------------------------------------
 def _partial_scores(rows: dict[int, list[float]], t: int, weight: float) -> dict[str, float]:
     from cl_core.metrics import average_accuracy, backward_transfer
+    from pipelines.report import accuracy_matrix
 
-    R = np.full((t + 1, t + 1), np.nan)
-    for i in range(t + 1):
-        R[i, : i + 1] = np.array(rows[i][: i + 1]) * 100
+    R = accuracy_matrix([rows[i] for i in range(t + 1)], t + 1)
     aa, bwt = average_accuracy(R), backward_transfer(R)
     return {"AA_so_far": aa, "BwT_so_far": bwt, "score": aa + weight * bwt}
 
