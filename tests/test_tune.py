@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config
-from pipelines.tune import (SearchConfig, format_table, params_hash, pick_best, plan_concurrency, trial_config,
-                            validate_search)
+from pipelines.search_space import SearchConfig, params_hash, plan_concurrency, trial_config, validate_search
+from pipelines.tune import format_table, pick_best
 from tests.conftest import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
