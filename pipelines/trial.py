@@ -64,9 +64,9 @@ def run_trial(config: dict, ctx: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # ASHA decides on each task's row before the trial trains the next task.
         result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated, overlap_eval=False).run()
-    final = result.summary["oracle"]
-    tune.report({"stage": n, "task": n - 1, "tasks": n, "run_id": cfg.run_id,
-                 **_partial_scores(rows, n - 1, ctx["weight"]),
+    final, scores = result.summary["oracle"], _partial_scores(rows, n - 1, ctx["weight"])
+    # `final_score` only in a finished trial's last report: Tune picks the best on it (tune.best_trial).
+    tune.report({"stage": n, "task": n - 1, "tasks": n, "run_id": cfg.run_id, **scores, "final_score": scores["score"],
                  "AA": final["AA"], "BwT": final["BwT"], "FwT": final["FwT"], "forgetting": final["forgetting"]})
 
 

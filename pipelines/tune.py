@@ -192,12 +192,13 @@ def format_table(rows: list[dict], paths: list[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
 
 
-def pick_best(rows: list[dict], mode: str) -> dict | None:
-    finished = [r for r in rows if r["state"] == "finished" and r["score"] is not None]
-    if not finished:
+def best_trial(results, mode: str) -> str | None:
+    """Tune's best trial on `final_score`, which only a finished trial reports: a trial stopped
+    early never wins with its partial score. None if no trial finished."""
+    try:
+        return Path(results.get_best_result(metric="final_score", mode=mode, scope="last").path).name
+    except RuntimeError:
         return None
-    sign = 1 if mode == "max" else -1
-    return max(finished, key=lambda r: sign * r["score"])
 
 
 def _close_unfinished_runs(tracker, rows: list[dict]) -> None:
@@ -256,7 +257,8 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
         print(f"\nTrials of {sid} (metric: {'AA' if search.metric == 'AA' else f'AA + {search.weight:g}·BwT'}, "
               f"{search.mode}; AA/BwT in points, of the tasks learned so far for stopped trials)")
         print(format_table(rows, paths))
-        best = pick_best(rows, search.mode)
+        best_name = best_trial(results, search.mode)
+        best = next((r for r in rows if r["trial"] == best_name), None)
         errors = [r for r in rows if r["state"] == "ERROR"]
         if best is None:
             print("\nno trial finished; no best config", file=sys.stderr)
