@@ -44,7 +44,7 @@ def run_config(label: str, order: str, data: Path, train_examples: int, test_exa
                lr: float, max_length: int) -> dict:
     """`label` is a method name or an ablation's."""
     method, params = ABLATIONS.get(label, (label, {}))
-    routable = METHODS[method].routable
+    routable = METHODS[method].method.routable
     return {
         "name": f"clq-{label}-{order}",
         "model": {"kind": "smollm2"},
@@ -148,7 +148,7 @@ def main() -> None:
                 "task_agnostic_AA": result.summary["inferred"]["AA"] if "inferred" in result.summary else None,
                 "trainable_params": bank_size(result.run_dir, len(cfg.tasks)),
                 "wall_s": sum(result.stage_seconds.values()) or time.perf_counter() - start,
-                "oracle": bool(getattr(METHODS[method], "oracle", False)),
+                "oracle": METHODS[method].method.oracle,
             })
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "cl_quality.json").write_text(json.dumps(rows, indent=2))

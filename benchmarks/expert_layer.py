@@ -43,8 +43,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from cl_core.bank import BankConfig
 from cl_core.experts import ExpertMeta, MixtureFFN, RoutingContext, naive_mixture
 from cl_core.methods import build_method
-from cl_core.model import ContinualModel
-from cl_core.models import load_base_model, smollm2_gguf_spec
+from cl_core.base_model import load_base_model, smollm2_gguf_spec
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, TaskFormat
 from cl_core.precision import compute_autocast
 from cl_core.routers import build_router

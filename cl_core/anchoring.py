@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 
 def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter],

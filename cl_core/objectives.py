@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 DEFAULT_TEMPLATE = "{text}\nCategory (one of: {labels}):"
 OBJECTIVES = ("lm", "head")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cl_core.metrics import strip_rate
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import collate_prompts
 
 
@@ -24,14 +24,27 @@ class Learner(nn.Module):
         self.method = method
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        fields = self.method.routing_fields(self.model, batch, training=True)
-        with self.model.bank.routing(attention_mask=batch["attention_mask"], **fields) as ctx:
-            task_loss = self.objective.loss(self.model, batch)
-            extra = self.method.extra_losses(self.model, batch, ctx)
+        task_loss, extra = routed_losses(self.model, self.objective, self.method, batch)
         loss = task_loss + sum(extra.values())
         logs = {"loss": float(loss.detach()), "loss/task": float(task_loss.detach())}
         logs.update({f"loss/{k}": float(v.detach()) for k, v in extra.items()})
         return loss, logs
+
+
+def routed_losses(model: ContinualModel, objective, method, batch: dict[str, torch.Tensor],
+                  method_terms: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's loss with the batch routed as the method routes it in training, and (if
+    `method_terms`) the method's own loss terms, which read what routing captured."""
+    fields = method.routing_fields(model, batch, training=True)
+    with model.bank.routing(attention_mask=batch["attention_mask"], **fields) as ctx:
+        task_loss = objective.loss(model, batch)
+        extra = method.extra_losses(model, batch, ctx) if method_terms else {}
+    return task_loss, extra
+
+
+def task_loss_fn(model: ContinualModel, objective, method) -> Callable[[dict], torch.Tensor]:
+    """batch → the routed objective loss alone: what a probe or a Fisher pass differentiates."""
+    return lambda batch: routed_losses(model, objective, method, batch, method_terms=False)[0]
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -64,16 +77,10 @@ def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> 
 def plan_task(model: ContinualModel, objective, method, task: int, batches: Callable[[], Iterable[dict]]) -> None:
     """Run the method's `plan_task` (if it has one) before `setup_task`: the objective is set up
     first, since the probe's loss may need what it adds (e.g. the task's head)."""
-    if not getattr(method, "plans_tasks", False):
+    if not method.plans_tasks:
         return
     objective.setup_task(model, task)
-
-    def loss_fn(batch: dict) -> torch.Tensor:
-        with model.bank.routing(attention_mask=batch["attention_mask"],
-                                **method.routing_fields(model, batch, training=True)):
-            return objective.loss(model, batch)
-
-    method.plan_task(model, task, batches, loss_fn)
+    method.plan_task(model, task, batches, task_loss_fn(model, objective, method))
 
 
 def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: str) -> dict:

@@ -4,17 +4,15 @@ config values reach cl_core (as plain arguments)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cl_core.atomic import publish_dir, staging_dir
 from cl_core.bank import BankConfig
-from cl_core.methods import build_method
-from cl_core.model import ContinualModel
-from cl_core.models import ModelSpec, load_base_model
+from cl_core.base_model import ModelSpec, load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import build_objective
 from pipelines.config import RunConfig
 from pipelines.data import task_format
@@ -31,7 +29,7 @@ class Stage:
 def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
     """A GGUF model dequantised once into an HF directory, so every stage loads it in a second
     instead of re-reading the GGUF (~25 s on 2 cores). Other kinds are returned as they are."""
-    spec = cfg.model.spec()
+    spec = cfg.model.resolved()
     if spec.kind != "gguf":
         return spec
     key = spec.source.replace("/", "_").replace(":", "_")[-120:]
@@ -45,17 +43,11 @@ def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
         del config.quantization_config
     plain = type(lm)(config)
     plain.load_state_dict(lm.state_dict())
-    tmp = cache_root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "clpipe_source.json").write_text(json.dumps({"source": spec.source}))
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process materialized the same model meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():
-            raise
+    publish_dir(tmp, out)  # False: another process materialized the same model meanwhile; same content
     return ModelSpec(kind="hf", path=str(out), dtype=spec.dtype)
 
 
@@ -71,9 +63,9 @@ def build_stage(cfg: RunConfig, base: ModelSpec, parent_bank: Path | None = None
     The bank's identity is the configured model (e.g. the GGUF file), not the cached copy it loads from.
     """
     lm, tokenizer = load_base_model(base)
-    method = build_method(cfg.method.name, **cfg.method.params)
+    method = cfg.method.build()
     torch.manual_seed(cfg.training.seed)  # identical initial experts on every rank and every rerun
-    model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.spec().source)
+    model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.source)
     formats = [task_format(t, cfg.training.max_length) for t in cfg.tasks]
     objective = build_objective(cfg.objective, tokenizer, formats)
     if parent_bank is not None:

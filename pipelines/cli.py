@@ -56,9 +56,7 @@ def _finished(run_dir: Path) -> bool:
 
 
 def cmd_status(args) -> int:
-    import numpy as np
-
-    from pipelines.report import format_matrix
+    from pipelines.report import accuracy_matrix, format_matrix
 
     run_dir = _storage(args) / args.run
     if not (run_dir / "ledger.json").exists():
@@ -80,10 +78,7 @@ def cmd_status(args) -> int:
     rows = [stages[f"task{t}/evaluate"]["outputs"]["rows"]["oracle"]["accuracy"]
             for t in range(len(names)) if f"task{t}/evaluate" in stages]
     if rows:
-        R = np.full((len(names), len(names)), np.nan)  # stages not evaluated yet stay blank
-        for t, row in enumerate(rows):
-            R[t, : len(row)] = np.array(row) * 100
-        print(format_matrix(R, names, scale=1.0))
+        print(format_matrix(accuracy_matrix(rows, len(names)), names, scale=1.0))  # not evaluated yet: blank
     return 0
 
 

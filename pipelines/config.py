@@ -9,14 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, \
+    model_validator
 
-from cl_core.methods import METHODS
-from cl_core.models import ModelSpec, smollm2_gguf_spec
+from cl_core.methods import METHODS, Method, MethodParams, build_method, method_params
+from cl_core.base_model import ModelSpec, hidden_size_of
+
+# Run and task names become folder names (`<run>-<hash>/`, `banks/task<i>-<name>/`): no path
+# separators, no leading dot.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
 class ConfigError(ValueError):
@@ -27,28 +33,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(Strict):
-    kind: Literal["tiny", "hf", "gguf", "smollm2"] = "tiny"
-    path: str | None = None
-    gguf_file: str | None = None
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    vocab_size: int = Field(512, gt=8)
-    seed: int = 0
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _path_needed(self):
-        if self.kind in ("hf", "gguf") and not self.path:
-            raise ValueError(f"model.path is required for kind '{self.kind}'")
-        return self
-
-    def spec(self) -> ModelSpec:
-        if self.kind == "smollm2":
-            return smollm2_gguf_spec()
-        return ModelSpec(kind=self.kind, path=self.path, gguf_file=self.gguf_file, hidden_size=self.hidden_size,
-                         num_layers=self.num_layers, vocab_size=self.vocab_size, seed=self.seed,
-                         trust_remote_code=self.trust_remote_code)
+def safe_name(value: str) -> str:
+    if not re.fullmatch(SAFE_NAME, value):
+        raise ValueError(f"{value!r}: use letters, digits, '_', '-' and '.' (not first), at most 100 "
+                         f"characters: it names a folder")
+    return value
 
 
 class SyntheticData(Strict):
@@ -96,6 +85,11 @@ class TaskConfig(Strict):
     max_train_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        return safe_name(v)
+
     @field_validator("labels")
     @classmethod
     def _labels(cls, v):
@@ -117,7 +111,9 @@ class TaskConfig(Strict):
 
 class MethodConfig(Strict):
     name: str = "moe_cl"
+    # As written in the config (what the run id hashes); checked by the method's own params model.
     params: dict[str, Any] = Field(default_factory=dict)
+    _validated: MethodParams | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -125,6 +121,21 @@ class MethodConfig(Strict):
         if v not in METHODS:
             raise ValueError(f"unknown method {v!r}; available: {sorted(METHODS)}")
         return v
+
+    @field_validator("params")
+    @classmethod
+    def _typed(cls, v, info: ValidationInfo):
+        if "name" in info.data:  # else the name's own error says what is wrong
+            method_params(info.data["name"], v)  # a ValidationError here is reported under method.params
+        return v
+
+    @model_validator(mode="after")
+    def _keep_validated(self):
+        self._validated = method_params(self.name, self.params)
+        return self
+
+    def build(self) -> Method:
+        return build_method(self.name, self._validated)
 
 
 class BankSection(Strict):
@@ -181,8 +192,8 @@ class DataPolicy(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    name: str = "run"
+    model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: list[TaskConfig] = Field(min_length=1)
     objective: Literal["lm", "head"] = "lm"
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -193,6 +204,20 @@ class RunConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     data: DataPolicy = Field(default_factory=DataPolicy)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        return safe_name(v)
+
+    @field_validator("model")
+    @classmethod
+    def _dtype_follows_precision(cls, model):
+        # The stages load the base in the dtype training.precision resolves to (see materialize).
+        if model.dtype != "float32":
+            raise ValueError("dtype: the base model's dtype follows training.precision (bf16-mixed stores it "
+                             "in bfloat16): set that instead")
+        return model
 
     @field_validator("tasks")
     @classmethod
@@ -206,9 +231,19 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _objective_fits_method(self):
-        if self.objective == "head" and getattr(METHODS[self.method.name], "mixes_tasks", False):
+        if self.objective == "head" and METHODS[self.method.name].method.mixes_tasks:
             raise ValueError(f"objective: 'head' needs batches of one task; method {self.method.name} mixes "
                              f"tasks in a batch: use objective 'lm'")
+        return self
+
+    @model_validator(mode="after")
+    def _top_k_fits(self):
+        method = self.method.build()
+        experts = method.experts_per_layer(len(self.tasks))
+        if self.bank.top_k is not None and method.router == "learned" and experts is not None \
+                and self.bank.top_k > experts:
+            raise ValueError(f"bank.top_k: {self.bank.top_k} is more than the {experts} experts a layer of "
+                             f"method {self.method.name} holds after {len(self.tasks)} tasks")
         return self
 
     def identity_hash(self) -> str:
@@ -230,7 +265,7 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{source}: {loc or '<root>'}: {msg}")
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")  # a whole-config check names its fields
     return "\n".join(lines)
 
 
@@ -250,6 +285,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
                 setattr(task.data, split, resolve(value, f"tasks[{i}].data.{split}"))
     if cfg.model.kind in ("hf", "gguf") and (base / cfg.model.path).exists():
         cfg.model.path = str((base / cfg.model.path).resolve())
+    if cfg.model.kind == "gguf" and not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path: file not found: {cfg.model.path}")
     if cfg.deepspeed.config is not None:
         cfg.deepspeed.config = resolve(cfg.deepspeed.config, "deepspeed.config")
         try:
@@ -270,11 +307,18 @@ def parse_config(data: dict, source: str = "<config>", base: Path | None = None)
         raise ConfigError(_format_error(source, e)) from None
     try:
         _resolve_paths(cfg, base or Path.cwd())
-        if cfg.model.kind == "smollm2":
-            cfg.model.spec()  # fails early if the package is missing
-    except (ConfigError, ModuleNotFoundError) as e:
+        _check_model_bounds(cfg)
+    except (ConfigError, ModuleNotFoundError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def _check_model_bounds(cfg: RunConfig) -> None:
+    """What the base model fixes, read without loading it (tiny: the config; a local HF directory:
+    config.json; GGUF: the file's metadata; a hub id: nothing until the model stage loads it)."""
+    hidden = hidden_size_of(cfg.model)  # smollm2: fails here if the package is missing
+    if hidden is not None and cfg.bank.rank > hidden:
+        raise ConfigError(f"bank.rank: {cfg.bank.rank} is more than the model's hidden size {hidden}")
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from cl_core.atomic import publish_dir, staging_dir
 from cl_core.objectives import TaskFormat, encode_prompt
 from cl_core.synthetic import synthetic_rows
 from pipelines.config import DataPolicy, TaskConfig
@@ -175,8 +174,7 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
     fmt = task_format(task, max_length)
     labels = list(task.verbalizers)
     summary = {"key": key, "path": str(out), "splits": {}}
-    tmp = cache_root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out)
     for split, limit in (("train", task.max_train_examples), ("test", task.max_test_examples)):
         checked = load_split(task, split, task_index, policy, cache_root / "hub")
         rows = _limit(checked.rows, limit, seed)
@@ -185,12 +183,7 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
         datasets.Dataset.from_list(encoded).save_to_disk(str(tmp / split))
         summary["splits"][split] = {"rows": len(encoded), "skipped": dict(checked.skipped)}
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    try:
-        os.replace(tmp, out)  # the directory appears complete or not at all
-    except OSError:  # another process (a concurrent Tune trial) prepared the same task meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not summary_file.exists():
-            raise
+    if not publish_dir(tmp, out):  # another process (a concurrent Tune trial) prepared the same task meanwhile
         return json.loads(summary_file.read_text())
     return summary
 

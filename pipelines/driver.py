@@ -1,8 +1,10 @@
-"""The sequence driver: for each task from the first stage not done, prepare → train → bank →
-evaluate, each recorded in the ledger once its outputs are durable; then the report.
+"""The sequence driver: the base model and every task's data, then for each task (plan →) train →
+bank → evaluate, each stage recorded in the ledger once its outputs are durable; then the report.
+Stages the ledger has are not run again.
 
 Task t's evaluation runs while task t+1's training starts up (it needs only task t's bank), so
-Ray Train's worker start-up overlaps it; a crash before it settles just runs it again.
+Ray Train's worker start-up overlaps it: it is the one pending evaluation, recorded after the next
+training (the untrained baseline is the first); a crash before then just runs it again.
 
 Reads top to bottom as the run goes. Everything about a run lives under `storage/<run_id>/`,
 where run_id = `<name>-<config hash>`: rerunning the same command finds the ledger and goes on.
@@ -21,14 +23,14 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from cl_core.bank import atomic_write_text
-from cl_core.methods import METHODS
+from cl_core.atomic import atomic_write_text
 from cl_core.metrics import cl_summary
+from cl_core.base_model import ModelSpec
 from pipelines import stages
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import load_split
 from pipelines.ledger import Ledger
-from pipelines.report import format_matrix, matrix_csv, matrix_heatmap
+from pipelines.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
 
 
@@ -41,6 +43,14 @@ class LaunchedStage:
     result: Any = None  # the work's outputs, or a Ray ObjectRef of them
     child: str | None = None
     start: float = 0.0
+
+
+@dataclass
+class PendingEvaluation:
+    """An evaluate stage launched and not yet recorded; `task` None is the untrained baseline."""
+
+    task: int | None
+    stage: LaunchedStage
 
 
 @dataclass
@@ -103,7 +113,9 @@ def start_ray(cfg: RunConfig) -> None:
 class Driver:
     def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
                  on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True):
-        """`on_evaluated(t, row)` is called after task t's evaluate stage (done now or earlier),
+        """Checks the data, then opens the run folder (config, ledger) and its MLflow store.
+
+        `on_evaluated(t, row)` is called after task t's evaluate stage (done now or earlier),
         e.g. to report a Tune trial's progress stage by stage. `overlap_eval=False` settles each
         evaluation before the next task trains (a Tune scheduler wants the row first)."""
         self.cfg = cfg
@@ -115,6 +127,12 @@ class Driver:
         self.cfg_dict = cfg.model_dump()
         self.expected_bank_sha: dict[int, str] = {}
         self.tracking_failed = False
+        check_data(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+        self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+        self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
+        self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
 
     # -- one stage, at most once ----------------------------------------------------------------
     def stage(self, key: str, work: Callable[[str | None], Any]) -> dict:
@@ -172,12 +190,6 @@ class Driver:
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
         cfg, wall = self.cfg, time.perf_counter()
-        check_data(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
-        self.ledger = Ledger(self.run_dir, cfg.identity_hash())
-        self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
-        self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
         self.parent = self.tracker.parent_run(cfg.run_id, self.cfg_dict)
         start_ray(cfg)
         check_cluster(cfg)
@@ -187,55 +199,64 @@ class Driver:
 
         opts = stages.task_options(cfg)
         cache = self.storage / "cache"
-        model = self.stage("model", lambda _: stages.materialize.options(**opts).remote(
-            self.cfg_dict, str(cache / "models")))
-        base, self.precision = model["spec"], model["precision"]
+        model = self.stage("model", lambda _: stages.materialize.options(**opts).remote(cfg, str(cache / "models")))
+        base = ModelSpec.model_validate(model["spec"])  # the ledger holds it as JSON
+        self.precision = model["precision"]
         self.progress(f"  precision {self.precision} (training.precision: {cfg.training.precision})")
         self._tracked(lambda: self.tracker.tag(self.parent, "clpipe.precision", self.precision))
+        # Every task's data first: the untrained baseline evaluates all of them.
         data = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
-            self.cfg_dict, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
-        baseline = self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
-            self.cfg_dict, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
-            untrained=True))
-        if not self.overlap_eval:
-            self.settle(baseline)
+            cfg, t, base, str(cache / "prepared")))["path"] for t in range(len(cfg.tasks))]
+        # The one evaluation in flight, recorded once the next task's training has run: first the
+        # untrained baseline, then task t's row while task t+1 trains.
+        pending = self._pending(None, self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
+            cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
+            untrained=True)))
 
-        parent_bank, evaluation = None, None
-        plans = getattr(METHODS[cfg.method.name], "plans_tasks", False)
+        parent_bank, plans = None, cfg.method.build().plans_tasks
         for t, task in enumerate(cfg.tasks):
             start_bank = parent_bank  # what train and bank build on: the parent, or the parent + the plan
             if plans:
                 plan_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}.plan")
                 start_bank = self.stage(f"task{t}/plan", lambda _, t=t: stages.plan.options(**opts).remote(
-                    self.cfg_dict, t, base, parent_bank, data[t], plan_dir))["path"]
+                    cfg, t, base, parent_bank, data[t], plan_dir))["path"]
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
-            self.settle(baseline)  # recorded here, not at the end, so that a later crash cannot cost it
-            if evaluation:
-                self._evaluated(t - 1, self.settle(evaluation))
+            self._record(pending)  # here, not at the end, so that a later crash cannot cost it
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
             built = self.stage(f"task{t}/bank", lambda _, t=t: stages.bank.options(**opts).remote(
-                self.cfg_dict, t, base, start_bank, trained["tensors"], data[t], bank_dir))
+                cfg, t, base, start_bank, trained["tensors"], data[t], bank_dir))
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
-            evaluation = self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(**opts).remote(
-                self.cfg_dict, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json")))
-            if not self.overlap_eval:
-                self._evaluated(t, self.settle(evaluation))
-                evaluation = None
+            pending = self._pending(t, self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(
+                **opts).remote(cfg, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
             parent_bank = bank_dir
-        if evaluation:
-            self._evaluated(len(cfg.tasks) - 1, self.settle(evaluation))
+        self._record(pending)
+        return self._report(wall)
 
-        return self._report(self.settle(baseline), wall)
+    def _pending(self, task: int | None, launched: LaunchedStage) -> PendingEvaluation | None:
+        """An evaluation to record later; without overlap it is recorded now (a Tune scheduler
+        wants task t's row before task t+1 trains) and nothing is pending."""
+        pending = PendingEvaluation(task, launched)
+        if self.overlap_eval:
+            return pending
+        self._record(pending)
+        return None
+
+    def _record(self, pending: PendingEvaluation | None) -> None:
+        if pending is None:
+            return
+        row = self.settle(pending.stage)
+        if pending.task is not None:
+            self._evaluated(pending.task, row)
 
     def _drop_damaged_banks(self) -> None:
         """A bank altered or truncated on disk is rebuilt from its train stage's durable tensors.
 
         The bank stage is deterministic, so the rebuilt bank must hash as the ledger recorded;
-        `stage` checks that (see `_bank_stage`).
+        `run` checks that against `expected_bank_sha`.
         """
         for t in range(len(self.cfg.tasks)):
             done = self.ledger.outputs(f"task{t}/bank")
@@ -258,18 +279,15 @@ class Driver:
             metrics.update({f"strip/{names[j]}": 100 * s for j, s in enumerate(values["strip_rate"]) if mode == "oracle"})
             self._tracked(lambda: self.tracker.log(self.parent, metrics, step=t))
 
-    def _report(self, baseline: dict, wall_start: float) -> RunResult:
+    def _report(self, wall_start: float) -> RunResult:
         cfg, names = self.cfg, [t.name for t in self.cfg.tasks]
         n = len(names)
         rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(n)]
-        base = np.array(baseline["rows"]["oracle"]["accuracy"]) * 100
+        base = np.array(self.ledger.outputs("baseline/evaluate")["rows"]["oracle"]["accuracy"]) * 100
         matrices, summary, strip = {}, {}, {}
         for mode in rows[-1]:
-            R = np.full((n, n), np.nan)
-            for t, row in enumerate(rows):
-                R[t, : t + 1] = np.array(row[mode]["accuracy"]) * 100
-            matrices[mode] = R
-            summary[mode] = cl_summary(R, base)
+            matrices[mode] = accuracy_matrix([row[mode]["accuracy"] for row in rows], n)
+            summary[mode] = cl_summary(matrices[mode], base)
             strip[mode] = [100 * s for s in rows[-1][mode]["strip_rate"]]
         report_dir = self.run_dir / "report"
         report_dir.mkdir(exist_ok=True)

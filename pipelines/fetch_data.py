@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from cl_core.atomic import atomic_write_bytes
 
 SEED = 1234
 TEST_ROWS_PER_CLASS = 100
@@ -220,21 +221,6 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp creates 0600; match ordinary files
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def jsonl_bytes(examples: Sequence[Example]) -> bytes:
     lines = (json.dumps(example._asdict(), ensure_ascii=False) + "\n" for example in examples)
     return "".join(lines).encode("utf-8")
@@ -253,9 +239,9 @@ def write_split(task_dir: Path, train: Sequence[Example], test: Sequence[Example
     """Atomically write both split files, then the marker recording their hashes."""
     task_dir.mkdir(parents=True, exist_ok=True)
     for name, examples in zip(SPLIT_FILES, (train, test)):
-        write_atomic(task_dir / name, jsonl_bytes(examples))
+        atomic_write_bytes(task_dir / name, jsonl_bytes(examples))
     hashes = {name: sha256_file(task_dir / name) for name in SPLIT_FILES}
-    write_atomic(task_dir / MARKER_NAME, (json.dumps(hashes, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(task_dir / MARKER_NAME, (json.dumps(hashes, indent=2) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- entry points

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from cl_core.bank import atomic_write_text
+from cl_core.atomic import atomic_write_text
 
 LEDGER_FILE = "ledger.json"
 
@@ -46,12 +46,6 @@ class Ledger:
         for key in keys:
             self.data["stages"].pop(key, None)
         self._write()
-
-    def done_keys(self) -> list[str]:
-        return list(self.data["stages"])
-
-    def meta(self, key: str, default=None):
-        return self.data["meta"].get(key, default)
 
     def set_meta(self, key: str, value) -> None:
         self.data["meta"][key] = value

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
-import tempfile
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from cl_core.atomic import atomic_write_bytes
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -38,25 +39,13 @@ def _checked_matrix(R: FloatArray, task_names: Sequence[str]) -> npt.NDArray[np.
     return matrix
 
 
-def _write_atomically(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
-
-    The temporary file sits in the target's directory so ``os.replace`` is a same-filesystem
-    rename; it is fsynced first so the rename cannot land before the bytes.
-    """
-    target = Path(path)
-    handle = tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+def accuracy_matrix(rows: Sequence[Sequence[float]], tasks: int) -> FloatArray:
+    """R[stage, task] in percent from evaluate-stage rows (fractions; row t covers tasks 0..t),
+    NaN where nothing is measured yet (tasks not yet seen, stages not yet evaluated)."""
+    R = np.full((tasks, tasks), np.nan)
+    for t, row in enumerate(rows):
+        R[t, : len(row)] = np.array(row) * 100
+    return R
 
 
 def matrix_csv(R: FloatArray, task_names: Sequence[str], path: PathLike) -> None:
@@ -70,7 +59,7 @@ def matrix_csv(R: FloatArray, task_names: Sequence[str], path: PathLike) -> None
     writer.writerow(["stage", *task_names])
     for stage_name, row in zip(task_names, matrix):
         writer.writerow([stage_name, *("" if math.isnan(v) else repr(float(v)) for v in row)])
-    _write_atomically(path, buffer.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
 def matrix_heatmap(R: FloatArray, task_names: Sequence[str], path: PathLike, title: str) -> None:
@@ -114,7 +103,7 @@ def matrix_heatmap(R: FloatArray, task_names: Sequence[str], path: PathLike, tit
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    _write_atomically(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_matrix(

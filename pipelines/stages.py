@@ -2,24 +2,25 @@
 
 Each is a function of (config, task index, upstream outputs) that writes its outputs atomically
 and returns a small dict for the ledger, including `compute_s`, the seconds spent on the stage's
-own work (so the driver can tell compute from orchestration overhead).
+own work (so the driver can tell compute from orchestration overhead). The config and the base
+model spec arrive as the driver validated them (pickled by Ray), not re-parsed from dicts.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 from safetensors.torch import load_file
 
-from cl_core.bank import BankError, atomic_write_text, load_bank
-from cl_core.models import ModelSpec, load_tokenizer
+from cl_core.atomic import atomic_write_text
+from cl_core.bank import BankError, load_bank
+from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_dtype, resolve_precision
-from cl_core.training import evaluate_task, plan_task
+from cl_core.training import evaluate_task, plan_task, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
@@ -48,30 +49,27 @@ def task_options(cfg: RunConfig) -> dict:
 
 
 @ray.remote
-def materialize(cfg_dict: dict, cache_root: str) -> dict:
+def materialize(cfg: RunConfig, cache_root: str) -> dict:
     """The base model every stage loads, and the run's precision, resolved here, where the work
     runs (a GPU worker's resources under `ray.use_gpu`). The ledger keeps both, so a resumed run
     computes in the precision it started in."""
     start = time.perf_counter()
-    cfg = RunConfig.model_validate(cfg_dict)
     precision = resolve_precision(cfg.training.precision, _device(cfg))
-    spec = replace(materialize_base_model(cfg, Path(cache_root)), dtype=base_dtype(precision))
-    return {"spec": spec.__dict__, "precision": precision, "compute_s": time.perf_counter() - start}
+    spec = materialize_base_model(cfg, Path(cache_root)).model_copy(update={"dtype": base_dtype(precision)})
+    return {"spec": spec.model_dump(), "precision": precision, "compute_s": time.perf_counter() - start}
 
 
 @ray.remote
-def prepare(cfg_dict: dict, task: int, base: dict, cache_root: str) -> dict:
+def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict:
     start = time.perf_counter()
-    cfg = RunConfig.model_validate(cfg_dict)
-    spec = ModelSpec(**base)
-    summary = prepare_task(cfg.tasks[task], task, load_tokenizer(spec), spec.source, cfg.training.max_length,
+    summary = prepare_task(cfg.tasks[task], task, load_tokenizer(base), base.source, cfg.training.max_length,
                            cfg.training.seed, cfg.data, Path(cache_root))
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
 
 
-def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_bank: str | None,
+def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
           storage_path: Path, tracking: dict | None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
     resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
@@ -82,7 +80,7 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"run_config": cfg.model_dump(), "task": task, "base_model": ModelSpec(**base),
+        train_loop_config={"run_config": cfg, "task": task, "base_model": base,
                            "data": data_paths, "parent_bank": parent_bank, "mlflow": tracking,
                            "threads": cfg.ray.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -104,13 +102,12 @@ def train(cfg: RunConfig, task: int, base: dict, data_paths: list[str], parent_b
 
 
 @ray.remote
-def plan(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, data_path: str, out_dir: str) -> dict:
+def plan(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, data_path: str, out_dir: str) -> dict:
     """The method's `plan_task` (e.g. CMoE's probe) on the earlier tasks' bank → that bank plus the
     plan in its method state: the parent of the task's train and bank stages."""
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank))
+    stage = build_stage(cfg, base, parent_bank and Path(parent_bank))
     model = stage.model
     model.to(_device(cfg))
     examples = load_prepared(data_path, "train")
@@ -135,13 +132,12 @@ def plan(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, data_pa
 
 
 @ray.remote
-def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors: str, data_path: str,
+def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, tensors: str, data_path: str,
          out_dir: str) -> dict:
     """The trained tensors + the method's after-task work (Fisher, memories) → a verified bank."""
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), parent_bank and Path(parent_bank), setup_task=task)
+    stage = build_stage(cfg, base, parent_bank and Path(parent_bank), setup_task=task)
     model = stage.model
     model.load_bank_state_dict(load_file(tensors))
     model.tasks = [t.name for t in cfg.tasks[: task + 1]]
@@ -152,13 +148,8 @@ def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors
         for s in range(0, len(examples), size):
             yield stage.objective.collate(examples[s:s + size])
 
-    def loss_fn(batch):
-        with model.bank.routing(attention_mask=batch["attention_mask"],
-                                **stage.method.routing_fields(model, batch, training=True)):
-            return stage.objective.loss(model, batch)
-
     model.eval()
-    stage.method.after_task(model, task, batches, loss_fn)
+    stage.method.after_task(model, task, batches, task_loss_fn(model, stage.objective, stage.method))
     manifest = model.save(Path(out_dir), parent=parent_bank, extra={"task": task, "method": cfg.method.name})
     load_bank(Path(out_dir), model.identity)  # read back and verify before the ledger says done
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
@@ -166,7 +157,7 @@ def bank(cfg_dict: dict, task: int, base: dict, parent_bank: str | None, tensors
 
 
 @ray.remote
-def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_paths: list[str],
+def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
              out_file: str, untrained: bool = False) -> dict:
     """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
 
@@ -174,8 +165,7 @@ def evaluate(cfg_dict: dict, upto: int, base: dict, bank_dir: str | None, data_p
     """
     start = time.perf_counter()
     _threads()
-    cfg = RunConfig.model_validate(cfg_dict)
-    stage = build_stage(cfg, ModelSpec(**base), bank_dir and Path(bank_dir))
+    stage = build_stage(cfg, base, bank_dir and Path(bank_dir))
     if untrained:
         for t in range(len(cfg.tasks)):
             stage.method.setup_task(stage.model, t)

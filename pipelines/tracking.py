@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+SEQUENCE, SEARCH = "sequence", "search"  # clpipe.kind of a task sequence's run and of a Tune search's run
 
 
 class TrackingError(RuntimeError):
@@ -74,17 +75,43 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=2)
         return runs[0].info.run_id if runs else None
 
-    def parent_run(self, run_id: str, config: dict) -> str:
-        tags = {"clpipe.run_id": run_id, "clpipe.kind": "sequence"}
+    def _reopen_or_create(self, name: str, tags: dict[str, str], params: dict[str, str],
+                          extra_tags: dict[str, str] | None = None) -> str:
+        """The run with these tags, marked running again, or a new one with the params."""
         existing = self._find(tags)
         if existing:
             self.client.update_run(existing, status="RUNNING")
             return existing
-        run = self.client.create_run(self.experiment_id, run_name=run_id, tags=tags)
-        params = [Param(k, v) for k, v in sorted(flatten(config).items())]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **(extra_tags or {})})
+        entries = [Param(k, v[:500]) for k, v in sorted(params.items())]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(run.info.run_id, params=entries[start:start + 100])
         return run.info.run_id
+
+    def parent_run(self, run_id: str, config: dict) -> str:
+        return self._reopen_or_create(run_id, {"clpipe.run_id": run_id, "clpipe.kind": SEQUENCE}, flatten(config))
+
+    def search_run(self, search_id: str, params: dict[str, str], base_run_id: str) -> str:
+        """A Tune search's run; its trials' sequence runs nest under it (see `nest`)."""
+        return self._reopen_or_create(search_id, {"clpipe.kind": SEARCH, "clpipe.search_id": search_id},
+                                      {**params, "base_run_id": base_run_id}, {"clpipe.base_run_id": base_run_id})
+
+    def nest(self, run: str, parent: str, tags: dict[str, str]) -> None:
+        """Show `run` under `parent` in the MLflow UI, with extra tags."""
+        for key, value in {"mlflow.parentRunId": parent, **tags}.items():
+            self.client.set_tag(run, key, value)
+
+    def tag(self, run: str, key: str, value: str) -> None:
+        self.client.set_tag(run, key, value)
+
+    def close_sequence(self, run_id: str, status: str, tune_state: str) -> None:
+        """A sequence that will not go on (a trial stopped early or failed): its runs still RUNNING
+        end with `status` (KILLED, FAILED); the sequence run is tagged with the trial's state."""
+        for run in self.client.search_runs([self.experiment_id], filter_string=f"tags.`clpipe.run_id` = '{run_id}'"):
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status)
+            if run.data.tags.get("clpipe.kind") == SEQUENCE:
+                self.client.set_tag(run.info.run_id, "clpipe.tune_state", tune_state)
 
     def stage_run(self, parent: str, run_id: str, stage: str) -> str:
         tags = {"clpipe.run_id": run_id, "clpipe.stage": stage}

@@ -28,6 +28,7 @@ from pipelines.data import load_prepared
 ENGINE_TAG = "engine"
 BANK_TENSORS = "bank_tensors.safetensors"
 PROGRESS = "progress.json"
+LOG_EVERY = 10  # steps per batch of losses sent to MLflow and per progress report to Ray Train
 
 
 def skip_shm_jit() -> None:
@@ -108,7 +109,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file, save_file
 
     skip_shm_jit()
-    cfg = RunConfig.model_validate(config["run_config"])
+    cfg: RunConfig = config["run_config"]  # validated by the driver, pickled by Ray
     task = config["task"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -125,7 +126,7 @@ def train_loop(config: dict) -> None:
     partitioned = sum(not getattr(p, "ds_persist", True) for p in learner.parameters())
 
     current = load_prepared(config["data"][task], "train")
-    earlier = [load_prepared(p, "train") for p in config["data"][:task]]
+    earlier = [load_prepared(p, "train") for p in config["data"][:task]] if stage.method.uses_earlier_examples else []
     examples = stage.method.training_examples(task, current, earlier, cfg.training.seed)
     schedule = micro_batches(len(examples), cfg, task, rank, world)
 
@@ -148,7 +149,7 @@ def train_loop(config: dict) -> None:
         from mlflow import MlflowClient
         client = MlflowClient(tracker["tracking_uri"])
     device = engine.device
-    log_every, every = config.get("log_every", 10), cfg.training.checkpoint_every
+    every = cfg.training.checkpoint_every
     pending, started, checkpoint_s = [], time.perf_counter(), 0.0
     for step in range(start, len(schedule)):
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
@@ -164,9 +165,9 @@ def train_loop(config: dict) -> None:
         done = step + 1
         pending.append((done, logs))
         last = done == len(schedule)
-        if client is not None and (done % log_every == 0 or last):
+        if client is not None and (done % LOG_EVERY == 0 or last):
             _log_losses(client, tracker["run_id"], pending)
-        if done % log_every == 0 or last:
+        if done % LOG_EVERY == 0 or last:
             pending = []
         metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"], "resumed_from": start,
                    "partitioned_params": partitioned,
@@ -184,7 +185,7 @@ def train_loop(config: dict) -> None:
                     (Path(d) / PROGRESS).write_text(json.dumps({"step": done, "steps": len(schedule)}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             checkpoint_s += time.perf_counter() - checkpoint_start
-        elif done % log_every == 0:
+        elif done % LOG_EVERY == 0:
             ray.train.report(metrics)
 
 

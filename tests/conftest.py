@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cl_core.bank import BankConfig
-from cl_core.model import ContinualModel
-from cl_core.models import ModelSpec, load_base_model
+from cl_core.base_model import ModelSpec, load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import TaskFormat, encode_prompt
 from cl_core.synthetic import synthetic_rows
 

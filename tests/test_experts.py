@@ -6,9 +6,9 @@ from torch import nn
 
 from cl_core.bank import BankConfig, ExpertBank
 from cl_core.experts import ExpertMeta, naive_mixture
-from cl_core.model import ContinualModel
+from cl_core.base_model import load_base_model
+from cl_core.continual_model import ContinualModel
 from tests.conftest import tiny_model, TINY
-from cl_core.models import load_base_model
 
 
 def _randomise_b(model: ContinualModel) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_core.methods import METHODS, build_method
+from cl_core.methods import METHODS, Method, build_method
 from cl_core.methods.ewc import PREFIX, expert_parameters
 
 FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
 from cl_core.methods.olora import olora_terms
 from cl_core.methods.replay import replay_buffer
 from cl_core.objectives import LMObjective
-from cl_core.training import Learner, evaluate_task, train_steps
+from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from tests.conftest import batches, synthetic_task, tiny_model
 
 EPOCHS, LR, BATCH = 4, 1e-2, 8
@@ -66,12 +66,8 @@ def run_stage(name: str, params: dict, task: int, parent, out, seed: int = 0) ->
     logs = _train(learner, batches(objective.collate, examples, BATCH, epochs=EPOCHS, seed=task))
     model.eval()
 
-    def loss_fn(batch):
-        with model.bank.routing(attention_mask=batch["attention_mask"],
-                                **method.routing_fields(model, batch, training=True)):
-            return objective.loss(model, batch)
-
-    method.after_task(model, task, lambda: batches(objective.collate, train[task], BATCH), loss_fn)
+    method.after_task(model, task, lambda: batches(objective.collate, train[task], BATCH),
+                      task_loss_fn(model, objective, method))
     model.tasks.append(f"t{task}")
     model.save(out)
     acc = [evaluate_task(model, objective, method, test[t])["accuracy"] for t in range(task + 1)]
@@ -115,9 +111,9 @@ def _n_experts(model) -> list[int]:
 def check_seq_lora(s0, s1, tmp_path, two_tasks):
     assert _n_experts(s1["model"]) == [1, 1] and s1["model"].bank.expert_names() == ["shared"]
     assert s0["acc"][0] >= LEARNED[0]
-    # the one LoRA keeps training on task 1 (and forgets task 0 as it may)
+    # the one LoRA keeps training on task 1, and nothing keeps task 0 (measured 0.88 -> 0.50)
     assert not all(torch.equal(v, s1["model"].bank_state_dict()[k]) for k, v in _experts(s1["before"], 0).items())
-    assert s1["acc"][1] >= LEARNED[1] and 0.0 <= s1["acc"][0] <= 1.0
+    assert s1["acc"][1] >= LEARNED[1] and s1["acc"][0] < s0["acc"][0] - 0.2
     print(f"seq_lora: task-0 accuracy {s0['acc'][0]:.2f} after task 0, {s1['acc'][0]:.2f} after task 1")
     # no task id needed: the inferred mode (task ids -1) gives the oracle's accuracy
     inferred = evaluate_task(s1["model"], s1["objective"], s1["method"], s1["test"][0], task_id_mode="inferred")
@@ -256,7 +252,7 @@ def test_bank_round_trip(name, two_tasks):
 
 
 def test_registered_with_oracle_and_routable_flags():
-    flags = {name: (METHODS[name].oracle, METHODS[name].routable, METHODS[name].router) for name in BASELINES}
+    flags = {name: (METHODS[name].method.oracle, METHODS[name].method.routable, METHODS[name].method.router) for name in BASELINES}
     assert flags == {
         "ewc": (False, True, "learned"),
         "mocl": (False, True, "similarity"),
@@ -266,7 +262,11 @@ def test_registered_with_oracle_and_routable_flags():
         "replay": (False, True, "learned"),
         "seq_lora": (False, True, "learned"),
     }
-    assert {name for name in BASELINES if getattr(METHODS[name], "mixes_tasks", False)} == {"replay", "mtl"}
+    assert {name for name in BASELINES if METHODS[name].method.mixes_tasks} == {"replay", "mtl"}
+    # the train worker loads earlier tasks' examples only for these: every method that reads them says so
+    assert {name for name in METHODS if METHODS[name].method.uses_earlier_examples} == {"replay", "mtl"}
+    assert {name for name, (cls, _) in METHODS.items() if cls.training_examples is not Method.training_examples} \
+        == {"replay", "mtl"}
     for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"ratio": -0.1}),
                       ("mocl", {"match_weight": -1}), ("mocl", {"key_scale": 0})]:
         with pytest.raises(ValueError):

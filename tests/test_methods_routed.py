@@ -13,10 +13,11 @@ from cl_core.methods.dual_router import EMA, STEPS
 from cl_core.methods.seta import PREFIX, shared_parameters
 
 FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
-from cl_core.model import ContinualModel
-from cl_core.models import ModelSpec, load_base_model
+from cl_core.base_model import ModelSpec, load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, collate_prompts
-from cl_core.training import Learner, evaluate_task, routing_for_eval, train_steps, trainable_parameters
+from cl_core.training import (Learner, evaluate_task, routing_for_eval, task_loss_fn, train_steps,
+                              trainable_parameters)
 from tests.conftest import batches, synthetic_task, tiny_model
 
 DEEP = ModelSpec(kind="tiny", hidden_size=64, num_layers=4, vocab_size=256, seed=0)
@@ -34,14 +35,6 @@ def _one_thread():
 def _deep_model(router: str = "task") -> tuple[ContinualModel, object]:
     lm, tok = load_base_model(DEEP)
     return ContinualModel(lm, BankConfig(router=router, dropout=0.0), DEEP.source), tok
-
-
-def _loss_fn(model, objective, method):
-    def loss_fn(batch):
-        with model.bank.routing(attention_mask=batch["attention_mask"],
-                                **method.routing_fields(model, batch, training=True)):
-            return objective.loss(model, batch)
-    return loss_fn
 
 
 def _tasks(tok, n=48):
@@ -86,7 +79,7 @@ def seta_task0():
     method = build_method("seta")
     method.setup_task(model, 0)
     train_steps(Learner(model, objective, method), batches(objective.collate, examples[0], 8, epochs=3), lr=1e-2)
-    method.after_task(model, 0, lambda: batches(objective.collate, examples[0], 8), _loss_fn(model, objective, method))
+    method.after_task(model, 0, lambda: batches(objective.collate, examples[0], 8), task_loss_fn(model, objective, method))
     return model, objective, examples
 
 
@@ -138,7 +131,7 @@ def test_seta_anchoring_keeps_shared_experts_near_their_anchor(seta_task0):
 def test_seta_inferred_eval_beats_chance_and_round_trips(seta_task0, tmp_path):
     model, method = _seta_task1(seta_task0, 100.0)
     objective, examples = seta_task0[1], seta_task0[2]
-    method.after_task(model, 1, lambda: batches(objective.collate, examples[1], 8), _loss_fn(model, objective, method))
+    method.after_task(model, 1, lambda: batches(objective.collate, examples[1], 8), task_loss_fn(model, objective, method))
     batch = collate_prompts(examples[0][:4], objective.pad_id)
     assert method.infer_task_ids(model, batch).tolist() == [-1] * 4
     acc = [evaluate_task(model, objective, method, examples[t], task_id_mode="inferred")["accuracy"] for t in (0, 1)]
@@ -176,7 +169,7 @@ def test_cmoe_probe_expands_fewer_layers_for_a_task_it_has_seen(cmoe_task0):
         formats, examples = data[name]
         objective = LMObjective(tok, formats)
         torch.manual_seed(1)
-        chosen[name] = probe_layers(model, 1, lambda: batches(objective.collate, examples, 8), _loss_fn(
+        chosen[name] = probe_layers(model, 1, lambda: batches(objective.collate, examples, 8), task_loss_fn(
             model, objective, build_method("cmoe")), share=0.25, epochs=4)
     print(f"expanded layers: {chosen}")
     assert len(chosen["repeat"]) < len(chosen["new"])
@@ -194,7 +187,7 @@ def test_cmoe_plan_setup_train_and_round_trip(cmoe_task0, tmp_path):
     formats, examples = data["new"]
     objective = LMObjective(tok, formats)
     method = build_method("cmoe", probe_share=0.25, probe_epochs=4)
-    loss_fn = _loss_fn(model, objective, method)
+    loss_fn = task_loss_fn(model, objective, method)
     torch.manual_seed(1)
     method.plan_task(model, 1, lambda: batches(objective.collate, examples, 8), loss_fn)
     plan = model.method_state[PLAN + "1"].tolist()

@@ -8,7 +8,7 @@ import torch
 from cl_core.bank import BankError, TENSORS_FILE, MANIFEST_FILE
 from cl_core.methods import build_method
 from cl_core.methods.moe_cl import grad_reverse
-from cl_core.models import ModelSpec
+from cl_core.base_model import ModelSpec
 from cl_core.objectives import LMObjective, HeadObjective, positions, _pad
 from cl_core.training import Learner, evaluate_task, train_steps
 from tests.conftest import batches, synthetic_task, tiny_model
@@ -32,12 +32,13 @@ def test_lm_training_lowers_loss_and_beats_chance():
     model, objective, method, examples = _moe_cl()
     method.setup_task(model, 0)
     learner = Learner(model, objective, method)
-    before = evaluate_task(model, objective, method, examples[0])["accuracy"]
+    before = evaluate_task(model, objective, method, examples[0])
     losses = [log["loss"] for log in train_steps(learner, batches(objective.collate, examples[0], 8, epochs=4), lr=1e-2)]
     after = evaluate_task(model, objective, method, examples[0])
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4
-    assert after["accuracy"] >= 0.9 > before
-    assert 0.0 <= after["strip_rate"] <= 1.0
+    assert after["accuracy"] >= 0.9 > before["accuracy"]
+    # measured 0.06 -> 0.96: at 90% precision the trained model keeps most answers, the untrained few
+    assert after["strip_rate"] >= 0.8 > 0.2 >= before["strip_rate"]
 
 
 def test_frozen_expert_is_bit_identical_after_training_another_task():
@@ -165,8 +166,8 @@ def test_bank_for_another_base_model_names_the_field(tmp_path):
     method.setup_task(model, 0)
     model.save(tmp_path / "b")
     from cl_core.bank import BankConfig
-    from cl_core.model import ContinualModel
-    from cl_core.models import load_base_model
+    from cl_core.base_model import load_base_model
+    from cl_core.continual_model import ContinualModel
     other_spec = ModelSpec(kind="tiny", hidden_size=64, num_layers=3, vocab_size=256)
     other = ContinualModel(load_base_model(other_spec)[0], BankConfig(), other_spec.source)
     with pytest.raises(BankError, match="field 'config_sha256'|field 'num_hidden_layers'"):

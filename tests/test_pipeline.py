@@ -97,11 +97,6 @@ def test_more_workers_than_the_cluster_has(ray_local):
         check_cluster(cfg)
 
 
-def _ray_pids_of(session_marker: str) -> list[int]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:] if session_marker in line]
-
-
 def _killed_during_task1_training_then_rerun(run: dict, storage: Path) -> dict:
     """`clpipe run` of `run`, SIGKILLed with its local Ray once task 1's training has written a
     checkpoint, then run again to the end; returns the report's summary.json."""

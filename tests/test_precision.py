@@ -1,15 +1,14 @@
 """Mixed precision (cl_core.precision): what bf16-mixed stores, computes and trains in, on the tiny model."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
 
 from cl_core.bank import BankConfig
 from cl_core.methods import build_method
-from cl_core.model import ContinualModel
-from cl_core.models import load_base_model
+from cl_core.continual_model import ContinualModel
+from cl_core.base_model import load_base_model
 from cl_core.objectives import LMObjective
 from cl_core.precision import base_dtype, native_bf16, resolve_precision
 from cl_core.training import Learner, evaluate_task, train_steps
@@ -18,7 +17,7 @@ from tests.conftest import TINY, batches, synthetic_task, tiny_run
 
 
 def _moe_cl(precision: str):
-    lm, tok = load_base_model(replace(TINY, dtype=base_dtype(precision)))
+    lm, tok = load_base_model(TINY.model_copy(update={"dtype": base_dtype(precision)}))
     method = build_method("moe_cl")
     model = ContinualModel(lm, BankConfig(router=method.router, dropout=0.0), TINY.source)
     fmt, train = synthetic_task(tok, 0, 64, seed=0)
@@ -103,5 +102,7 @@ def test_precision_is_validated_and_deepspeed_json_cannot_override_it(tmp_path):
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match=r"deepspeed.config: .*ds.json: remove the 'bf16' section"):
         parse_config(tiny_run(deepspeed={"config": str(ds)}), "run.yaml")
+    with pytest.raises(ConfigError, match=r"run.yaml: model: dtype: the base model's dtype follows training.precision"):
+        parse_config(tiny_run(model={"dtype": "bfloat16"}), "run.yaml")
     assert parse_config(tiny_run()).training.precision == "fp32"
     assert parse_config({"tasks": tiny_run()["tasks"]}).training.precision == "auto"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import format_matrix, matrix_csv, matrix_heatmap
+from pipelines.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
 
 NAN = np.nan
 NAMES = ["alpaca", "gsm8k", "mmlu"]
@@ -132,3 +132,9 @@ def test_format_matrix_without_baseline_and_in_points() -> None:
 def test_format_matrix_refuses_baseline_of_wrong_length() -> None:
     with pytest.raises(ValueError, match="baseline must have shape"):
         format_matrix(R3, NAMES, baseline=np.array([0.1, 0.2]))
+
+
+def test_accuracy_matrix_from_evaluation_rows_leaves_the_unmeasured_blank() -> None:
+    R = accuracy_matrix([[0.5], [0.25, 1.0]], 3)  # two of three stages evaluated
+    expected = np.array([[50.0, np.nan, np.nan], [25.0, 100.0, np.nan], [np.nan, np.nan, np.nan]])
+    assert np.array_equal(R, expected, equal_nan=True)

@@ -1,26 +1,59 @@
 """Continual-learning methods as plugins: one file each, registered by name.
 
 A method is an object with hooks that the training loop calls. `Method` gives every hook a
-no-op default, so a method file defines only what makes it different. `build_method("moe_cl", adv_weight=0.1)` makes one from a run config.
+no-op default, so a method file defines only what makes it different. Its parameters are a
+pydantic model declared beside it (`NoParams` when it has none); the registry holds the pair, so
+a run config's `method.params` is checked field by field before anything runs.
+`build_method("moe_cl", adv_weight=0.1)` makes one from a run config.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from cl_core.experts import RoutingContext
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
-METHODS: dict[str, type] = {}
+
+class MethodParams(BaseModel):
+    """A method's parameters: typed, bounded, and no unknown field (a typo fails validation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(MethodParams):
+    pass
+
+
+class RegisteredMethod(NamedTuple):
+    method: type["Method"]
+    params: type[MethodParams]
+
+
+METHODS: dict[str, RegisteredMethod] = {}
 
 
 class Method:
+    """What a method is, read as class attributes, and its hooks (no-op defaults)."""
+
     name: str
     router = "task"  # the bank router kind this method needs
     routable = False  # can it route without a task id at inference?
+    oracle = False  # a reference that breaks the continual setting (true task ids, all data), not a rival
     plans_tasks = False  # does `plan_task` need to run before `setup_task`?
+    mixes_tasks = False  # do its batches hold several tasks (then it needs the `lm` objective)?
+    uses_earlier_examples = False  # does `training_examples` read earlier tasks' examples? (loaded only then)
+
+    def __init__(self, params: MethodParams | None = None):
+        self.params = params if params is not None else METHODS[self.name].params()
+
+    def experts_per_layer(self, tasks: int) -> int | None:
+        """How many experts a layer holds after `tasks` tasks (None: not fixed in advance), so
+        that a bank's `top_k` can be checked against it before anything runs."""
+        return None
 
     def plan_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
                   loss_fn: Callable[[dict], torch.Tensor]) -> None:
@@ -41,7 +74,8 @@ class Method:
         return {}
 
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
-        """The examples to train task `task` on, given every earlier task's training examples."""
+        """The examples to train task `task` on; `earlier` holds every earlier task's training examples
+        where `uses_earlier_examples` is set, and is empty otherwise."""
         return current
 
     def after_step(self, model: ContinualModel) -> None:
@@ -57,18 +91,26 @@ class Method:
         return None
 
 
-def register(cls: type) -> type:
-    METHODS[cls.name] = cls
-    return cls
+def register(params: type[MethodParams] = NoParams) -> Callable[[type[Method]], type[Method]]:
+    """`@register(MyParams)` above a Method subclass: the method and its parameters, by its name."""
+    def add(cls: type[Method]) -> type[Method]:
+        METHODS[cls.name] = RegisteredMethod(cls, params)
+        return cls
+    return add
 
 
-def build_method(name: str, **params: Any):
+def method_params(name: str, params: dict[str, Any]) -> MethodParams:
+    """The method's parameters, validated (a pydantic ValidationError names the bad field)."""
     if name not in METHODS:
         raise ValueError(f"method {name!r} is not registered; available: {sorted(METHODS)}")
-    try:
-        return METHODS[name](**params)
-    except TypeError as e:
-        raise ValueError(f"method {name}: bad parameters {params}: {e}") from e
+    return METHODS[name].params.model_validate(params)
+
+
+def build_method(name: str, params: MethodParams | None = None, **raw: Any) -> Method:
+    """A method from validated `params`, or from keyword values validated here."""
+    if params is None:
+        params = method_params(name, raw)
+    return METHODS[name].method(params)
 
 
 def _register_builtin_methods() -> None:

@@ -51,30 +51,18 @@ import math
 from typing import Callable, Iterable
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from cl_core.experts import ExpertMeta, LoRAExpert, Route, RoutingContext
-from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
+from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import prompt_query
+from cl_core.continual_model import ContinualModel
 from cl_core.routers import TaskRouter
 
 PLAN = "cmoe.plan."
 FREQ = "cmoe.probe_freq."
 LOC_MEAN, LOC_VAR, LOC_COUNT = "cmoe.loc.mean", "cmoe.loc.var", "cmoe.loc.count"
-
-
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """The prompt tokens: attention mask, minus answer tokens where the batch has LM labels, so
-    training batches (prompt + answer) and evaluation batches (prompt) give the same features."""
-    mask = batch["attention_mask"]
-    if "labels" in batch:
-        mask = mask * (batch["labels"] == -100).to(mask.dtype)
-    return mask
-
-
-def prompt_query(model: ContinualModel, batch: dict) -> torch.Tensor:
-    """Frozen per-sample features [B, q]: mean input embedding of the prompt tokens."""
-    return model.bank.query(batch["input_ids"], prompt_mask(batch))
 
 
 def serving_task(layer, task: int) -> int | None:
@@ -214,7 +202,18 @@ def probe_layers(model: ContinualModel, task: int, batches: Callable[[], Iterabl
 
 
 # -- the method ----------------------------------------------------------------------------------
-@register
+class CMoEParams(MethodParams):
+    probe_share: float = Field(0.1, gt=0, le=1)
+    probe_epochs: int = Field(2, ge=1)
+    probe_lr: float = Field(1e-2, gt=0)
+    balance_weight: float = Field(0.01, ge=0)
+    probe_cost: float = Field(0.3, ge=0)
+    alpha: float = 1.0
+    min_share: float | None = Field(None, ge=0, lt=1)
+    var_floor: float = Field(0.01, gt=0)
+
+
+@register(CMoEParams)
 class CMoE(Method):
     name = "cmoe"
     router = "task"
@@ -222,35 +221,16 @@ class CMoE(Method):
     oracle = False
     plans_tasks = True  # needs `plan_task` before `setup_task` (proposed hook)
 
-    def __init__(self, probe_share: float = 0.1, probe_epochs: int = 2, probe_lr: float = 1e-2,
-                 balance_weight: float = 0.01, probe_cost: float = 0.3, alpha: float = 1.0,
-                 min_share: float | None = None, var_floor: float = 0.01):
-        if not 0 < probe_share <= 1:
-            raise ValueError("cmoe.probe_share must be in (0, 1]")
-        if probe_epochs < 1 or probe_lr <= 0 or balance_weight < 0 or probe_cost < 0 or var_floor <= 0:
-            raise ValueError("cmoe: need probe_epochs >= 1, probe_lr > 0, balance_weight >= 0, "
-                             "probe_cost >= 0, var_floor > 0")
-        if min_share is not None and not 0 <= min_share < 1:
-            raise ValueError("cmoe.min_share must be in [0, 1) or null")
-        self.probe_share = probe_share
-        self.probe_epochs = probe_epochs
-        self.probe_lr = probe_lr
-        self.balance_weight = balance_weight
-        self.probe_cost = probe_cost
-        self.alpha = alpha
-        self.min_share = min_share
-        self.var_floor = var_floor
-
     # -- structure ---------------------------------------------------------------------------
     def plan_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
                   loss_fn: Callable[[dict], torch.Tensor]) -> None:
         """Probe which layers task `task` expands; the plan goes to method_state."""
         if task == 0:
             return
-        freq, most_used, widths = run_probe(model, task, batches, loss_fn, share=self.probe_share,
-                                            epochs=self.probe_epochs, lr=self.probe_lr,
-                                            balance_weight=self.balance_weight, probe_cost=self.probe_cost)
-        chosen = set(select_layers(freq, widths, self.alpha, self.min_share))
+        freq, most_used, widths = run_probe(model, task, batches, loss_fn, share=self.params.probe_share,
+                                            epochs=self.params.probe_epochs, lr=self.params.probe_lr,
+                                            balance_weight=self.params.balance_weight, probe_cost=self.params.probe_cost)
+        chosen = set(select_layers(freq, widths, self.params.alpha, self.params.min_share))
         device = next(model.parameters()).device
         model.method_state[PLAN + str(task)] = torch.tensor(
             [most_used[l] if l in chosen else -1 for l in range(len(freq))], dtype=torch.long, device=device)
@@ -308,7 +288,7 @@ class CMoE(Method):
         q = prompt_query(model, batch).float()
         mean = model.method_state[LOC_MEAN].to(q.device)
         var = model.method_state[LOC_VAR].to(q.device)
-        var = var + self.var_floor * var.mean(-1, keepdim=True).clamp(min=1e-12)
+        var = var + self.params.var_floor * var.mean(-1, keepdim=True).clamp(min=1e-12)
         diff = q[:, None, :] - mean[None]
         return -0.5 * (diff.pow(2) / var + torch.log(2 * math.pi * var)).sum(-1)
 

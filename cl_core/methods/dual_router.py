@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from cl_core.experts import RoutingContext
-from cl_core.methods import Method, register
-from cl_core.methods.moe_cl import add_task_experts
-from cl_core.methods.cmoe import prompt_query
-from cl_core.model import ContinualModel
+from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import add_task_experts, prompt_query
+from cl_core.continual_model import ContinualModel
 
 EMA = "dual.ema."
 STEPS = "dual.ema_steps"
@@ -48,30 +48,24 @@ def key_name(task: int) -> str:
     return f"dual_key_{task}"
 
 
-@register
+class DualRouterParams(MethodParams):
+    shared_experts: int = Field(1, ge=0)
+    m_shared: float = Field(0.99, ge=0, lt=1)
+    m_task: float = Field(0.5, ge=0, lt=1)
+    key_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(8.0, gt=0)
+
+
+@register(DualRouterParams)
 class DualRouter(Method):
     name = "dual_router"
     router = "task"
     routable = True
     oracle = False
 
-    def __init__(self, shared_experts: int = 1, m_shared: float = 0.99, m_task: float = 0.5,
-                 key_weight: float = 1.0, temperature: float = 8.0):
-        if shared_experts < 0:
-            raise ValueError("dual_router.shared_experts must be >= 0")
-        if not (0 <= m_shared < 1 and 0 <= m_task < 1):
-            raise ValueError("dual_router.m_shared and m_task must be in [0, 1)")
-        if key_weight < 0 or temperature <= 0:
-            raise ValueError("dual_router.key_weight must be >= 0 and temperature > 0")
-        self.shared_experts = shared_experts
-        self.m_shared = m_shared
-        self.m_task = m_task
-        self.key_weight = key_weight
-        self.temperature = temperature
-
     # -- structure ---------------------------------------------------------------------------
     def setup_task(self, model: ContinualModel, task: int) -> None:
-        add_task_experts(model, task, self.shared_experts)
+        add_task_experts(model, task, self.params.shared_experts)
         if key_name(task) not in model.extras:
             model.add_linear(key_name(task), model.hidden_size, 1, bias=False)
         model.bank.set_trainable(False)
@@ -95,7 +89,7 @@ class DualRouter(Method):
         for i, layer in enumerate(model.bank.layers):
             for e, meta in enumerate(layer.expert_meta):
                 if meta.kind == "shared" or meta.task == task:
-                    m = self.m_shared if meta.kind == "shared" else self.m_task
+                    m = self.params.m_shared if meta.kind == "shared" else self.params.m_task
                     for n, p in layer.experts[e].named_parameters():
                         out[f"layers.{i}.experts.{e}.{n}"] = (p, m)
         return out
@@ -108,7 +102,7 @@ class DualRouter(Method):
                 continue
             _, i, _, e, n = key[len(EMA):].split(".")
             layer = model.bank.layers[int(i)]
-            m = self.m_shared if layer.expert_meta[int(e)].kind == "shared" else self.m_task
+            m = self.params.m_shared if layer.expert_meta[int(e)].kind == "shared" else self.params.m_task
             out.append((key, getattr(layer.experts[int(e)], n), m))
         return out
 
@@ -126,12 +120,12 @@ class DualRouter(Method):
         return F.normalize(query.to(keys.dtype), dim=-1) @ F.normalize(keys, dim=-1).T
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if not self.key_weight:
+        if not self.params.key_weight:
             return {}
         sims = self.key_similarities(model, prompt_query(model, batch)).float()
         own = sims.gather(1, batch["task_ids"][:, None]).squeeze(1)
-        loss = (1 - own).mean() + F.cross_entropy(self.temperature * sims, batch["task_ids"])
-        return {"key": self.key_weight * loss}
+        loss = (1 - own).mean() + F.cross_entropy(self.params.temperature * sims, batch["task_ids"])
+        return {"key": self.params.key_weight * loss}
 
     @torch.no_grad()
     def after_step(self, model: ContinualModel) -> None:

@@ -15,12 +15,13 @@ with the bank from stage to stage.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from cl_core.anchoring import anchor_penalty, store_fisher
 from cl_core.experts import RoutingContext
-from cl_core.methods import register
+from cl_core.methods import MethodParams, register
 from cl_core.methods.seq_lora import SeqLoRA
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 PREFIX = "ewc."
 
@@ -31,23 +32,22 @@ def expert_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
             for n, p in layer.experts.named_parameters()}
 
 
-@register
+class EWCParams(MethodParams):
+    lam: float = Field(100.0, ge=0)
+
+
+@register(EWCParams)
 class EWC(SeqLoRA):
     name = "ewc"
-
-    def __init__(self, lam: float = 100.0):
-        if lam < 0:
-            raise ValueError("ewc.lam must be >= 0")
-        self.lam = lam
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
         return anchor_penalty(model, PREFIX, expert_parameters(model))
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if self.lam == 0:
+        if self.params.lam == 0:
             return {}
         penalty = self.penalty(model)
-        return {} if penalty is None else {"ewc": self.lam * penalty}
+        return {} if penalty is None else {"ewc": self.params.lam * penalty}
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
         params = {k: p for k, p in expert_parameters(model).items() if p.requires_grad}

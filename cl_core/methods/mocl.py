@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from cl_core.experts import ExpertMeta, RoutingContext
-from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
-
-
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """The prompt tokens: attention mask, minus answer tokens where the batch has labels."""
-    mask = batch["attention_mask"]
-    if "labels" in batch:
-        mask = mask * (batch["labels"] == -100).to(mask.dtype)
-    return mask
+from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import prompt_query
+from cl_core.continual_model import ContinualModel
 
 
 def key_tasks(layer) -> list[int]:
@@ -39,20 +33,17 @@ def key_tasks(layer) -> list[int]:
     return [layer.expert_meta[e].task for e in layer.router.keyed_experts]
 
 
-@register
+class MoCLParams(MethodParams):
+    match_weight: float = Field(1.0, ge=0)
+    key_scale: float = Field(0.01, gt=0)
+
+
+@register(MoCLParams)
 class MoCL(Method):
     name = "mocl"
     router = "similarity"
     routable = True
     oracle = False
-
-    def __init__(self, match_weight: float = 1.0, key_scale: float = 0.01):
-        if match_weight < 0:
-            raise ValueError("mocl.match_weight must be >= 0")
-        if key_scale <= 0:
-            raise ValueError("mocl.key_scale must be > 0")
-        self.match_weight = match_weight
-        self.key_scale = key_scale
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         name = f"task{task}"
@@ -60,21 +51,18 @@ class MoCL(Method):
             model.bank.add_expert(ExpertMeta(name=name, kind="task", task=task))
             with torch.no_grad():
                 for layer in model.bank.layers:
-                    layer.router.keys[-1].mul_(self.key_scale)
+                    layer.router.keys[-1].mul_(self.params.key_scale)
         model.bank.set_trainable(False)
         model.bank.set_trainable(True, task=task)
         for layer in model.bank.layers:
             for key, owner in zip(layer.router.keys, key_tasks(layer)):
                 key.requires_grad_(owner == task)
 
-    def query(self, model: ContinualModel, batch: dict) -> torch.Tensor:
-        return model.bank.query(batch["input_ids"], prompt_mask(batch))
-
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
-        return {"query": self.query(model, batch)}
+        return {"query": prompt_query(model, batch)}
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if not self.match_weight:
+        if not self.params.match_weight:
             return {}
         task_ids = batch["task_ids"]
         losses = []
@@ -83,12 +71,12 @@ class MoCL(Method):
             index = torch.tensor([column[t] for t in task_ids.tolist()], device=task_ids.device)
             keys = torch.stack(list(layer.router.keys))[index]  # [B, q]: each sample's own task key
             losses.append((1 - F.cosine_similarity(ctx.query.to(keys.dtype), keys, dim=-1)).mean())
-        return {"match": self.match_weight * torch.stack(losses).mean()}
+        return {"match": self.params.match_weight * torch.stack(losses).mean()}
 
     @torch.no_grad()
     def similarities(self, model: ContinualModel, batch: dict) -> tuple[torch.Tensor, list[int]]:
         """cos(query, key) averaged over layers [B, K], and the task of each key."""
-        query = self.query(model, batch)
+        query = prompt_query(model, batch)
         sims = torch.stack([layer.router.similarities(query) for layer in model.bank.layers]).mean(0)
         return sims, key_tasks(model.bank.layers[0])
 

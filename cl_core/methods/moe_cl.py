@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from cl_core.experts import ExpertMeta, RoutingContext
-from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
+from cl_core.experts import RoutingContext
+from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import add_task_experts
+from cl_core.continual_model import ContinualModel
 
 
 class GradReverse(torch.autograd.Function):
@@ -48,17 +50,6 @@ def discriminator_input(features: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(features, features.shape[-1:])
 
 
-def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int = 1) -> None:
-    """Shared experts at the first task, then `experts_per_task` new experts for `task`; experts
-    the bank already has (e.g. loaded from a saved bank) are not added again."""
-    names = model.bank.expert_names()
-    wanted = [ExpertMeta(name=f"shared{i}", kind="shared") for i in range(shared_experts if task == 0 else 0)]
-    wanted += [ExpertMeta(name=f"task{task}.{j}", kind="task", task=task) for j in range(experts_per_task)]
-    for meta in wanted:
-        if meta.name not in names:
-            model.bank.add_expert(meta)
-
-
 def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:
     """Experts and gates of earlier tasks stay bit-identical from now on."""
     for earlier in range(task):
@@ -69,32 +60,28 @@ def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:
                 gate.requires_grad_(False)
 
 
-@register
+class MoECLParams(MethodParams):
+    adv_weight: float = Field(0.1, ge=0)
+    shared_experts: int = Field(1, ge=1)  # the discriminator reads the shared expert
+    experts_per_task: int = Field(1, ge=1)
+    max_tasks: int = Field(16, ge=1)
+    feature_memory: int = Field(0, ge=0)
+
+
+@register(MoECLParams)
 class MoECL(Method):
     name = "moe_cl"
     router = "task"
     routable = False
 
-    def __init__(self, adv_weight: float = 0.1, shared_experts: int = 1, experts_per_task: int = 1,
-                 max_tasks: int = 16, feature_memory: int = 0):
-        if adv_weight < 0:
-            raise ValueError("moe_cl.adv_weight must be >= 0")
-        if shared_experts < 1:
-            raise ValueError("moe_cl.shared_experts must be >= 1 (the discriminator reads the shared expert)")
-        self.adv_weight = adv_weight
-        self.shared_experts = shared_experts
-        self.experts_per_task = experts_per_task
-        self.max_tasks = max_tasks
-        self.feature_memory = feature_memory
-
     def setup_task(self, model: ContinualModel, task: int) -> None:
-        if task >= self.max_tasks:
-            raise ValueError(f"moe_cl.max_tasks is {self.max_tasks}; task index {task} does not fit")
-        add_task_experts(model, task, self.shared_experts, self.experts_per_task)
+        if task >= self.params.max_tasks:
+            raise ValueError(f"moe_cl.max_tasks is {self.params.max_tasks}; task index {task} does not fit")
+        add_task_experts(model, task, self.params.shared_experts, self.params.experts_per_task)
         freeze_earlier_tasks(model, task)
         for layer in range(len(model.bank.layers)):
             if f"disc_{layer}" not in model.extras:
-                model.add_linear(f"disc_{layer}", model.hidden_size, self.max_tasks)
+                model.add_linear(f"disc_{layer}", model.hidden_size, self.params.max_tasks)
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {"task_ids": batch["task_ids"], "capture_shared": training}
@@ -106,10 +93,10 @@ class MoECL(Method):
         adversarial = torch.stack([
             F.cross_entropy(model.extras[f"disc_{l}"](discriminator_input(grad_reverse(f))).float(), labels)
             for l, f in enumerate(ctx.shared_features)]).mean()
-        losses = {"disc": self.adv_weight * adversarial}
-        if self.feature_memory and "memory_tasks" in model.method_state:
+        losses = {"disc": self.params.adv_weight * adversarial}
+        if self.params.feature_memory and "memory_tasks" in model.method_state:
             remembered = model.method_state["memory_tasks"]
-            losses["disc_memory"] = self.adv_weight * torch.stack([
+            losses["disc_memory"] = self.params.adv_weight * torch.stack([
                 F.cross_entropy(model.extras[f"disc_{l}"](discriminator_input(model.method_state[f"memory_{l}"])).float(),
                                 remembered)
                 for l in range(len(model.bank.layers))]).mean()
@@ -117,7 +104,7 @@ class MoECL(Method):
 
     @torch.no_grad()
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
-        if not self.feature_memory:
+        if not self.params.feature_memory:
             return
         per_layer: list[list[torch.Tensor]] = [[] for _ in model.bank.layers]
         kept = 0
@@ -128,10 +115,10 @@ class MoECL(Method):
             for l, f in enumerate(ctx.shared_features):
                 per_layer[l].append(f.detach().float())
             kept += len(batch["input_ids"])
-            if kept >= self.feature_memory:
+            if kept >= self.params.feature_memory:
                 break
         for l, feats in enumerate(per_layer):
-            new = torch.cat(feats)[: self.feature_memory]
+            new = torch.cat(feats)[: self.params.feature_memory]
             old = model.method_state.get(f"memory_{l}")
             model.method_state[f"memory_{l}"] = new if old is None else torch.cat([old, new])
         labels = torch.full((len(new),), task, dtype=torch.long, device=new.device)

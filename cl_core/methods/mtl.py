@@ -13,11 +13,12 @@ from cl_core.methods import register
 from cl_core.methods.seq_lora import SeqLoRA
 
 
-@register
+@register()
 class MTL(SeqLoRA):
     name = "mtl"
     oracle = True
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
+    uses_earlier_examples = True
 
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
         joint = [ex for examples in earlier for ex in examples] + list(current)

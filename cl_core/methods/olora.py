@@ -20,11 +20,12 @@ inference (`routable = False`). The orthogonality still shapes what each LoRA le
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from cl_core.experts import RoutingContext
-from cl_core.methods import register
+from cl_core.methods import MethodParams, register
 from cl_core.methods.per_task_lora import PerTaskLoRA
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 A_FACTORS = ("A_gate", "A_up", "A_down")
 
@@ -47,22 +48,21 @@ def olora_terms(model: ContinualModel) -> tuple[torch.Tensor, torch.Tensor]:
     return orth, l2
 
 
-@register
+class OLoRAParams(MethodParams):
+    lam_orth: float = Field(0.5, ge=0)
+    lam_l2: float = Field(0.0, ge=0)
+
+
+@register(OLoRAParams)
 class OLoRA(PerTaskLoRA):
     name = "olora"
     oracle = False
 
-    def __init__(self, lam_orth: float = 0.5, lam_l2: float = 0.0):
-        if lam_orth < 0 or lam_l2 < 0:
-            raise ValueError("olora.lam_orth and olora.lam_l2 must be >= 0")
-        self.lam_orth = lam_orth
-        self.lam_l2 = lam_l2
-
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         orth, l2 = olora_terms(model)
         losses = {}
-        if self.lam_orth:
-            losses["orth"] = self.lam_orth * orth
-        if self.lam_l2:
-            losses["l2"] = self.lam_l2 * l2
+        if self.params.lam_orth:
+            losses["orth"] = self.params.lam_orth * orth
+        if self.params.lam_l2:
+            losses["l2"] = self.params.lam_l2 * l2
         return losses

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from cl_core.experts import ExpertMeta
 from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 
 def task_expert_name(task: int) -> str:
@@ -28,7 +28,7 @@ def add_task_lora(model: ContinualModel, task: int) -> None:
         layer.router.requires_grad_(False)
 
 
-@register
+@register()
 class PerTaskLoRA(Method):
     name = "per_task_lora"
     router = "task"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import random
 
-from cl_core.methods import register
+from pydantic import Field, model_validator
+
+from cl_core.methods import MethodParams, register
 from cl_core.methods.seq_lora import SeqLoRA
 
 DEFAULT_BUFFER_SIZE = 50
@@ -27,23 +29,27 @@ def replay_buffer(examples: list[dict], size: int, seed: int, task: int) -> list
     return [examples[i] for i in sorted(rng.sample(range(len(examples)), size))]
 
 
-@register
+class ReplayParams(MethodParams):
+    buffer_size: int | None = Field(None, ge=0)  # neither given: DEFAULT_BUFFER_SIZE
+    ratio: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.buffer_size is not None and self.ratio is not None:
+            raise ValueError("give buffer_size or ratio, not both")
+        return self
+
+
+@register(ReplayParams)
 class Replay(SeqLoRA):
     name = "replay"
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
-
-    def __init__(self, buffer_size: int | None = None, ratio: float | None = None):
-        if buffer_size is not None and ratio is not None:
-            raise ValueError("replay: give buffer_size or ratio, not both")
-        if buffer_size is not None and buffer_size < 0:
-            raise ValueError("replay.buffer_size must be >= 0")
-        if ratio is not None and ratio < 0:
-            raise ValueError("replay.ratio must be >= 0")
-        self.buffer_size = DEFAULT_BUFFER_SIZE if buffer_size is None and ratio is None else buffer_size
-        self.ratio = ratio
+    uses_earlier_examples = True
 
     def per_task_count(self, current: list[dict]) -> int:
-        return round(self.ratio * len(current)) if self.ratio is not None else self.buffer_size
+        if self.params.ratio is not None:
+            return round(self.params.ratio * len(current))
+        return DEFAULT_BUFFER_SIZE if self.params.buffer_size is None else self.params.buffer_size
 
     def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
         n = self.per_task_count(current)

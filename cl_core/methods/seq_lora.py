@@ -21,7 +21,7 @@ import torch
 
 from cl_core.experts import ExpertMeta
 from cl_core.methods import Method, register
-from cl_core.model import ContinualModel
+from cl_core.continual_model import ContinualModel
 
 SHARED = "shared"
 
@@ -36,12 +36,15 @@ def add_shared_lora(model: ContinualModel) -> None:
         layer.router.requires_grad_(False)
 
 
-@register
+@register()
 class SeqLoRA(Method):
     name = "seq_lora"
     router = "learned"
     routable = True
     oracle = False
+
+    def experts_per_layer(self, tasks: int) -> int:
+        return 1
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         add_shared_lora(model)

