@@ -107,8 +107,15 @@ def deploy(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, replicas: i
 
 
 def serve_run(run_dir: Path, host: str, port: int, replicas: int) -> int:
-    """`clpipe serve`: deploy, then keep serving until Ctrl-C or SIGTERM; Serve is shut down on exit."""
+    """`clpipe serve`: deploy, then keep serving until Ctrl-C or SIGTERM.
+
+    On a local Ray started here, stopping it stops Serve too; on a cluster (`ray.address`,
+    `ray job submit`) only this application is deleted, and the cluster's Serve stays up.
+    """
+    import os
     import signal
+
+    import ray
 
     from pipelines.driver import start_ray
 
@@ -116,6 +123,7 @@ def serve_run(run_dir: Path, host: str, port: int, replicas: int) -> int:
         raise PredictError(f"--replicas {replicas}: need at least 1")
     cfg, _ = read_run(run_dir)
     Predictor(run_dir)  # before Ray starts: no run, no bank → a clear error now
+    on_cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     start_ray(cfg)
     url = deploy(run_dir, host, port, replicas)
     print(f"serving run {cfg.run_id} on {url} ({replicas} replica(s)); it follows the run's latest bank. "
@@ -131,4 +139,6 @@ def serve_run(run_dir: Path, host: str, port: int, replicas: int) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
+        if on_cluster:
+            serve.delete(APP_NAME)
+        ray.shutdown()
