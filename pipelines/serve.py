@@ -33,12 +33,12 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=256)
 class PredictorDeployment:
-    def __init__(self, run_dir: str, threads: int, poll_s: float, max_batch_size: int):
+    def __init__(self, run_dir: str, threads: int, poll_s: float):
         torch.set_num_threads(threads)
         self.run_dir = Path(run_dir)
         self.predictor = self._load(None)
         self.batches = {"count": 0, "items": 0}
-        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_max_batch_size(self.predictor.cfg.eval.batch_size)  # predict's batch size
         threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="follow-run").start()
 
     def _load(self, bank_of: str | None) -> Predictor:
@@ -60,7 +60,7 @@ class PredictorDeployment:
                 log.exception("clpipe serve: could not switch banks; still answering from %s",
                               self.predictor.tasks[-1])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(batch_wait_timeout_s=0.005)
     async def predict_batch(self, queries: list) -> list[tuple[dict, str]]:
         predictor = self.predictor  # the bank this batch uses, whatever a switch does meanwhile
         self.batches["count"] += 1
@@ -93,15 +93,14 @@ class PredictorDeployment:
                             headers={BANK_HEADER: ",".join(banks)})
 
 
-def deploy(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, poll_s: float = 1.0,
-           max_batch_size: int = 16) -> str:
+def deploy(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, poll_s: float = 1.0) -> str:
     """Start Serve on the connected Ray (HTTP on host:port) with the run's predictor; returns its URL."""
     cfg, _ = read_run(run_dir)
     serve.start(http_options={"host": host, "port": port})
     threads = max(1, int(cfg.ray.cpus_per_worker))
     app = PredictorDeployment.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": cfg.ray.cpus_per_worker},
-    ).bind(str(run_dir), threads, poll_s, max_batch_size)
+    ).bind(str(run_dir), threads, poll_s)
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}/"
 
