@@ -176,3 +176,24 @@ def test_serve_rejects_bad_requests(run, serving):
         f"request item 1: field 'task': '{cfg.tasks[1].name}' is not a task of bank '{cfg.tasks[0].name}'")
     both = requests.post(url, json=[{"text": "w1 w2", "task": cfg.tasks[0].name}] * 2, timeout=30)
     assert both.status_code == 200 and len(both.json()) == 2 and both.json()[0] == both.json()[1]
+
+
+def test_serve_restarts_a_crashed_replica(run, serving):
+    import ray
+
+    cfg, _, _ = run
+    url, _, _ = serving
+    body = {"text": "w21 w22 w23", "task": cfg.tasks[0].name}
+    first = requests.post(url, json=body, timeout=30).json()
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "PredictorDeployment" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline, answer = time.monotonic() + 120, None
+    while time.monotonic() < deadline and (answer is None or answer.status_code != 200):
+        try:
+            answer = requests.post(url, json=body, timeout=30)
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    assert answer is not None and answer.status_code == 200 and answer.json() == first
+    now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "PredictorDeployment" in a["name"]]
+    assert now and now != [replicas[0]["name"]]  # a new replica, started by Serve
