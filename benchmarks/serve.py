@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--test-examples", type=int, default=50)
     parser.add_argument("--storage", type=Path, default=None, help="default: a fresh temporary folder")
     parser.add_argument("--run-dir", type=Path, default=None, help="benchmark this finished run instead")
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="only the JSON line (and the driver's progress)")
     args = parser.parse_args()

@@ -27,6 +27,9 @@ from starlette.responses import JSONResponse
 from pipelines.predict import PredictError, Predictor, latest_bank, read_run
 
 APP_NAME = "clpipe"
+# Ray Serve forms the next batch while the current one runs, from what arrives within this wait:
+# a few milliseconds would split a burst of requests into batches of one or two.
+BATCH_WAIT_S = 0.05
 BANK_HEADER = "X-Clpipe-Bank"
 log = logging.getLogger("ray.serve")
 
@@ -60,7 +63,7 @@ class PredictorDeployment:
                 log.exception("clpipe serve: could not switch banks; still answering from %s",
                               self.predictor.tasks[-1])
 
-    @serve.batch(batch_wait_timeout_s=0.005)
+    @serve.batch(batch_wait_timeout_s=BATCH_WAIT_S)
     async def predict_batch(self, queries: list) -> list[tuple[dict, str]]:
         predictor = self.predictor  # the bank this batch uses, whatever a switch does meanwhile
         self.batches["count"] += 1
