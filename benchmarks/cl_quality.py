@@ -70,7 +70,7 @@ def bank_size(run_dir: Path, tasks: int) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| method | order | AA | BwT | FwT | forgetting | strip rate | task-agnostic AA | trainable params | wall (s) |"
+    head = "| method | order | AA | BwT | FwT | forgetting | strip rate (upper bound) | task-agnostic AA | trainable params | wall (s) |"
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         agnostic = "—" if r["task_agnostic_AA"] is None else f"{r['task_agnostic_AA']:.1f}"

@@ -152,35 +152,30 @@ class StripRate:
     macro: float
 
 
-def _label_strip_rate(scores: FloatArray, is_label: npt.NDArray[np.bool_], target: float) -> float:
-    """Largest recall for one label over thresholds whose precision reaches ``target``."""
+def _label_threshold(scores: FloatArray, is_label: npt.NDArray[np.bool_], target: float) -> float | None:
+    """Lowest threshold (a distinct score) whose precision for one label reaches ``target``, or None.
+
+    Recall only grows as the threshold falls, so this is also the threshold of largest recall.
+    """
     order = np.argsort(-scores, kind="stable")
     sorted_scores = scores[order]
     true_positives = np.cumsum(is_label[order])
     # A threshold tau decides every sample with score >= tau, so tied scores enter together:
     # evaluate only at the last position of each run of equal scores.
     run_ends = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
-    decided = run_ends + 1
-    correct = true_positives[run_ends]
-    precise_enough = correct / decided >= target
+    precise_enough = true_positives[run_ends] / (run_ends + 1) >= target
     if not precise_enough.any():
-        return 0.0
-    return float(correct[precise_enough].max() / is_label.sum())
+        return None
+    return float(sorted_scores[run_ends[precise_enough][-1]])
 
 
-def strip_rate(
-    probs: FloatArray, labels: IntArray, target_precision: float = 0.9
-) -> StripRate:
-    """Share of each label's samples that can be decided automatically at a target precision.
+def _label_strip_rate(scores: FloatArray, is_label: npt.NDArray[np.bool_], target: float) -> float:
+    """Largest recall for one label over thresholds whose precision reaches ``target``."""
+    threshold = _label_threshold(scores, is_label, target)
+    return 0.0 if threshold is None else float((is_label & (scores >= threshold)).sum() / is_label.sum())
 
-    For a label ``c`` present in ``labels``, a threshold ``tau`` decides as ``c`` every sample
-    with ``probs[:, c] >= tau``. Among the thresholds ``tau`` taken from the distinct values of
-    ``probs[:, c]``, keep those whose precision (decided samples whose true label is ``c``,
-    over all decided samples) is at least ``target_precision``. The strip rate of ``c`` is the
-    largest recall (decided and correct, over all samples with true label ``c``) among the
-    kept thresholds, or 0.0 if none is kept. ``macro`` is the mean over the labels present.
-    It says how much of the work a classifier can take off people's hands without checking.
-    """
+
+def _checked_scores(probs: FloatArray, labels: IntArray) -> tuple[npt.NDArray[np.float64], np.ndarray]:
     scores = np.asarray(probs, dtype=np.float64)
     truth = np.asarray(labels)
     if scores.ndim != 2 or scores.shape[0] == 0:
@@ -196,14 +191,74 @@ def strip_rate(
     num_classes = scores.shape[1]
     if truth.min() < 0 or truth.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) to index the columns of probs")
+    return scores, truth
+
+
+def _checked_target(target_precision: float) -> None:
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"target_precision must lie in (0, 1], got {target_precision}")
 
+
+def strip_rate(
+    probs: FloatArray, labels: IntArray, target_precision: float = 0.9
+) -> StripRate:
+    """Share of each label's samples that can be decided automatically at a target precision.
+
+    For a label ``c`` present in ``labels``, a threshold ``tau`` decides as ``c`` every sample
+    with ``probs[:, c] >= tau``. Among the thresholds ``tau`` taken from the distinct values of
+    ``probs[:, c]``, keep those whose precision (decided samples whose true label is ``c``,
+    over all decided samples) is at least ``target_precision``. The strip rate of ``c`` is the
+    largest recall (decided and correct, over all samples with true label ``c``) among the
+    kept thresholds, or 0.0 if none is kept. ``macro`` is the mean over the labels present.
+    It says how much of the work a classifier can take off people's hands without checking.
+
+    Chosen on the samples it is measured on, this is an upper bound of what thresholds fixed in
+    advance reach (see ``calibrated_thresholds`` and ``decisions_at``).
+    """
+    scores, truth = _checked_scores(probs, labels)
+    _checked_target(target_precision)
     per_label = {
         int(label): _label_strip_rate(scores[:, label], truth == label, target_precision)
         for label in np.unique(truth)
     }
     return StripRate(per_label=per_label, macro=float(np.mean(list(per_label.values()))))
+
+
+def calibrated_thresholds(
+    probs: FloatArray, labels: IntArray, target_precision: float = 0.9
+) -> list[float | None]:
+    """Per label (column of ``probs``), the lowest threshold reaching ``target_precision`` on these
+    samples, or None where none does or the label is absent: the thresholds that ``strip_rate``
+    would pick, chosen on a calibration slice so that they can be applied to other samples."""
+    scores, truth = _checked_scores(probs, labels)
+    _checked_target(target_precision)
+    present = set(np.unique(truth).tolist())
+    return [_label_threshold(scores[:, c], truth == c, target_precision) if c in present else None
+            for c in range(scores.shape[1])]
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """What fixed thresholds decide on labelled samples: strip rate per label present (recall of
+    the samples decided as it), its mean, and the precision of all decisions (None if none)."""
+
+    strip_rate: StripRate
+    precision: float | None
+
+
+def decisions_at(probs: FloatArray, labels: IntArray, thresholds: list[float | None]) -> Decisions:
+    """Strip rate and precision when label ``c`` is decided for every sample with
+    ``probs[:, c] >= thresholds[c]`` (never where the threshold is None), as ``strip_rate`` decides."""
+    scores, truth = _checked_scores(probs, labels)
+    if len(thresholds) != scores.shape[1]:
+        raise ValueError(f"thresholds must have {scores.shape[1]} entries, one per column of probs")
+    decided = np.stack([scores[:, c] >= t if t is not None else np.zeros(len(truth), bool)
+                        for c, t in enumerate(thresholds)], axis=1)
+    correct = decided[np.arange(len(truth)), truth]
+    per_label = {int(c): float(correct[truth == c].mean()) for c in np.unique(truth)}
+    total = int(decided.sum())
+    return Decisions(StripRate(per_label, float(np.mean(list(per_label.values())))),
+                     float(correct.sum() / total) if total else None)
 
 
 def cl_summary(R: FloatArray, baseline: FloatArray) -> dict[str, float]:

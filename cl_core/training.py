@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cl_core.metrics import strip_rate
 from cl_core.continual_model import ContinualModel
+from cl_core.metrics import decisions_at, strip_rate
 from cl_core.objectives import collate_prompts
 
 
@@ -97,22 +97,37 @@ def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: s
 
 
 @torch.no_grad()
-def evaluate_task(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
-                  task_id_mode: str = "oracle", target_precision: float = 0.9) -> dict:
-    """Accuracy and strip rate of the model on one task's encoded examples, and whether each
-    example was answered correctly (for intervals over test examples)."""
+def predict_probs(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
+                  task_id_mode: str = "oracle") -> torch.Tensor:
+    """[n, C] label probabilities of one task's encoded examples, in order and batches of
+    `batch_size`: what evaluation scores and what `clpipe predict` answers with."""
     model.eval()
     device = next(model.parameters()).device
-    probs, labels = [], []
+    probs = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = to_device(collate_prompts(chunk, objective.pad_id), device)
         fields = routing_for_eval(model, method, batch, task_id_mode)
         probs.append(objective.predict(model, chunk, fields).cpu())
-        labels.append(batch["class_ids"].cpu())
-    p = torch.cat(probs).numpy().astype(np.float64)
-    y = torch.cat(labels).numpy()
-    strip = strip_rate(p, y, target_precision)
+    return torch.cat(probs)
+
+
+def evaluate_task(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
+                  task_id_mode: str = "oracle", target_precision: float = 0.9,
+                  thresholds: list[float | None] | None = None) -> dict:
+    """Accuracy and strip rate of the model on one task's encoded examples, and whether each
+    example was answered correctly (for intervals over test examples).
+
+    `strip_rate` picks its thresholds on these examples (an upper bound); with `thresholds` fixed
+    in advance (see `calibrated_thresholds`), also what they decide: `strip_rate_calibrated` and
+    `precision_calibrated`.
+    """
+    p = predict_probs(model, objective, method, examples, batch_size, task_id_mode).numpy().astype(np.float64)
+    y = np.array([ex["label"] for ex in examples])
     correct = p.argmax(1) == y
-    return {"accuracy": float(correct.mean()), "strip_rate": strip.macro, "n": len(y),
-            "correct": correct.astype(int).tolist()}
+    out = {"accuracy": float(correct.mean()), "strip_rate": strip_rate(p, y, target_precision).macro,
+           "n": len(y), "correct": correct.astype(int).tolist()}
+    if thresholds is not None:
+        decided = decisions_at(p, y, thresholds)
+        out.update(strip_rate_calibrated=decided.strip_rate.macro, precision_calibrated=decided.precision)
+    return out

@@ -5,6 +5,8 @@
     clpipe status RUN_ID [--storage DIR]       stage states and the accuracy matrix so far
     clpipe ui [RUN_ID] [--storage DIR] [--port 5000]   the MLflow UI on the run store, on 127.0.0.1
     clpipe tune run.yaml search.yaml [--storage DIR]
+    clpipe predict RUN_ID --input texts.jsonl [--task NAME] [--bank-of TASK] [--out preds.jsonl]
+    clpipe serve RUN_ID [--port 8000] [--host 127.0.0.1] [--replicas N]   HTTP predictions on Ray Serve
 """
 
 from __future__ import annotations
@@ -56,18 +58,10 @@ def _finished(run_dir: Path) -> bool:
 
 
 def cmd_status(args) -> int:
+    from pipelines.predict import find_run, read_run
     from pipelines.report import accuracy_matrix, format_matrix
 
-    run_dir = _storage(args) / args.run
-    if not (run_dir / "ledger.json").exists():
-        runs = sorted(p.name for p in _storage(args).glob("*/ledger.json"))
-        raise SystemExit(f"no run {args.run!r} under {_storage(args)}; runs there: {[Path(r).parent.name for r in runs]}")
-    import yaml
-
-    from pipelines.config import RunConfig
-
-    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    stages = json.loads((run_dir / "ledger.json").read_text())["stages"]
+    cfg, stages = read_run(find_run(_storage(args), args.run))
     names = [t.name for t in cfg.tasks]
     model = stages.get("model", {}).get("outputs", {})
     precision = model.get("precision", f"{cfg.training.precision}, not resolved yet")
@@ -113,6 +107,34 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # so that `kill` stops the server group as Ctrl-C does
 
 
+def cmd_predict(args) -> int:
+    from cl_core.bank import atomic_write_text
+    from pipelines.predict import PredictError, Predictor, find_run, read_queries
+
+    predictor = Predictor(find_run(_storage(args), args.run), args.bank_of)
+    if args.task is not None and args.task not in predictor.tasks:
+        raise PredictError(f"--task {args.task!r}: not a task of bank {predictor.tasks[-1]!r}; its tasks: "
+                           f"{predictor.tasks}")
+    queries = read_queries(predictor, Path(args.input), args.task)
+    if predictor.thresholds is None:
+        print(f"clpipe: warning: bank {predictor.bank_dir} has no decision thresholds (its evaluate stage has not "
+              f"stored them): every answer says \"decided\": false", file=sys.stderr)
+    lines = "".join(json.dumps(a) + "\n" for a in predictor.predict(queries, progress=True))
+    if args.out:
+        atomic_write_text(Path(args.out), lines)
+        print(f"{len(queries)} predictions from bank {predictor.tasks[-1]} written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pipelines.predict import find_run
+    from pipelines.serve import serve_run
+
+    return serve_run(find_run(_storage(args), args.run), args.host, args.port, args.replicas)
+
+
 def cmd_tune(args) -> int:
     from pipelines.tune import run_search
 
@@ -140,16 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("search")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("predict", help="classify texts with a run's bank")
+    p.add_argument("run")
+    p.add_argument("--input", required=True, help="JSONL/CSV/Parquet rows with 'text' (and 'task', 'id')")
+    p.add_argument("--task", help="the task of rows without their own 'task'")
+    p.add_argument("--bank-of", help="use the bank after this task (default: the latest evaluated one)")
+    p.add_argument("--out", help="write JSON lines here (default: stdout)")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("serve", help="HTTP predictions on Ray Serve, following the run's latest bank")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
+    p.set_defaults(func=cmd_serve)
     for name, p in sub.choices.items():
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder for all state (default: ./runs)")
     args = parser.parse_args(argv)
     from pipelines.config import ConfigError
     from pipelines.data import DataError
+    from pipelines.predict import PredictError
     from pipelines.tracking import TrackingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrackingError) as e:
+    except (ConfigError, DataError, TrackingError, PredictError) as e:
         print(f"clpipe: error: {e}", file=sys.stderr)
         return 2
 

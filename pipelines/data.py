@@ -151,9 +151,31 @@ def _limit(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_length: int, seed: int) -> str:
+def split_calibration(task: TaskConfig, task_index: int, rows: list[dict], size: int,
+                      seed: int) -> tuple[list[dict], list[dict], str]:
+    """(rows to train on, a calibration slice of at most `size` rows, where it came from).
+
+    The slice is never trained on and is not the test split: rows beyond max_train_examples when
+    the split has them (the rows trained on stay the same), fresh rows for a synthetic task, else
+    rows held out of training (at most a fifth of them).
+    """
+    train = _limit(rows, task.max_train_examples, seed)
+    if len(train) < len(rows):
+        kept = {id(r) for r in train}
+        return train, _limit([r for r in rows if id(r) not in kept], size, seed), "beyond max_train_examples"
+    if task.data.synthetic is not None:
+        fresh = synthetic_rows(task_index, list(task.verbalizers), size, task.data.synthetic.seed + 2)
+        return train, fresh, "generated"
+    held = set(random.Random(seed).sample(range(len(train)), min(size, len(train) // 5)))
+    return ([r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held],
+            "held out of training")
+
+
+def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_length: int, seed: int,
+                 calibration_examples: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([task.model_dump(), task_index, tokenizer_id, max_length, seed], sort_keys=True).encode())
+    h.update(json.dumps([task.model_dump(), task_index, tokenizer_id, max_length, seed, calibration_examples],
+                        sort_keys=True).encode())
     for split in ("train", "test"):
         path = getattr(task.data, split)
         if path is not None:
@@ -164,9 +186,10 @@ def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_lengt
 
 
 def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str, max_length: int, seed: int,
-                 policy: DataPolicy, cache_root: Path) -> dict:
-    """Tokenized train/test datasets for one task under `cache_root/<hash>`; returns paths and counts."""
-    key = content_hash(task, task_index, tokenizer_id, max_length, seed)
+                 policy: DataPolicy, cache_root: Path, calibration_examples: int) -> dict:
+    """Tokenized train/calibration/test datasets for one task under `cache_root/<hash>` (see
+    `split_calibration`); returns paths, counts and where the calibration slice came from."""
+    key = content_hash(task, task_index, tokenizer_id, max_length, seed, calibration_examples)
     out = cache_root / key
     summary_file = out / "summary.json"
     if summary_file.exists():
@@ -175,13 +198,18 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
     labels = list(task.verbalizers)
     summary = {"key": key, "path": str(out), "splits": {}}
     tmp = staging_dir(out)
-    for split, limit in (("train", task.max_train_examples), ("test", task.max_test_examples)):
-        checked = load_split(task, split, task_index, policy, cache_root / "hub")
-        rows = _limit(checked.rows, limit, seed)
+    train = load_split(task, "train", task_index, policy, cache_root / "hub")
+    test = load_split(task, "test", task_index, policy, cache_root / "hub")
+    train_rows, calibration_rows, source = split_calibration(task, task_index, train.rows, calibration_examples, seed)
+    splits = {"train": (train_rows, train.skipped), "calibration": (calibration_rows, Counter()),
+              "test": (_limit(test.rows, task.max_test_examples, seed), test.skipped)}
+    for split, (rows, skipped) in splits.items():
         encoded = [{"prompt_ids": encode_prompt(tokenizer, fmt, r["text"]), "label": labels.index(r["label"]),
                     "task": task_index} for r in rows]
-        datasets.Dataset.from_list(encoded).save_to_disk(str(tmp / split))
-        summary["splits"][split] = {"rows": len(encoded), "skipped": dict(checked.skipped)}
+        if encoded:  # `datasets` cannot read back an empty dataset: no calibration folder means no slice
+            datasets.Dataset.from_list(encoded).save_to_disk(str(tmp / split))
+        summary["splits"][split] = {"rows": len(encoded), "skipped": dict(skipped)}
+    summary["calibration_source"] = source
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     if not publish_dir(tmp, out):  # another process (a concurrent Tune trial) prepared the same task meanwhile
         return json.loads(summary_file.read_text())
@@ -189,4 +217,7 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
 
 
 def load_prepared(path: str, split: str) -> list[dict]:
+    """A prepared split's encoded rows; the calibration slice may be empty (no folder)."""
+    if split == "calibration" and not (Path(path) / split).exists():
+        return []
     return datasets.load_from_disk(str(Path(path) / split)).to_list()

@@ -22,6 +22,7 @@ from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_dtype, resolve_precision
 from cl_core.training import evaluate_task, plan_task, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
+from pipelines.calibration import save_thresholds, task_thresholds
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
 
@@ -63,7 +64,7 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
 def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict:
     start = time.perf_counter()
     summary = prepare_task(cfg.tasks[task], task, load_tokenizer(base), base.source, cfg.training.max_length,
-                           cfg.training.seed, cfg.data, Path(cache_root))
+                           cfg.training.seed, cfg.data, Path(cache_root), cfg.eval.calibration_examples)
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
@@ -161,6 +162,10 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
              out_file: str, untrained: bool = False) -> dict:
     """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
 
+    `strip_rate` picks its thresholds on the test split (an upper bound); `strip_rate_calibrated`
+    and `precision_calibrated` apply the thresholds chosen on the calibration slices, which are
+    stored beside the bank for `clpipe predict` and `clpipe serve`.
+
     `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline).
     """
     start = time.perf_counter()
@@ -174,11 +179,18 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
     modes = ["oracle", "inferred"] if cfg.eval.task_id == "both" else [cfg.eval.task_id]
     if not stage.method.routable or untrained:  # untrained experts change nothing, however routed
         modes = ["oracle"]
-    rows = {}
+    rows, chosen = {}, {}
     for mode in modes:
+        # Thresholds from each task's calibration slice (none for the untrained baseline, which has no bank).
+        chosen[mode] = [None if untrained else task_thresholds(stage, cfg, t, data_paths[t], mode)
+                        for t in range(upto + 1)]
         results = [evaluate_task(stage.model, stage.objective, stage.method, load_prepared(data_paths[t], "test"),
-                                 cfg.eval.batch_size, mode, cfg.eval.target_precision) for t in range(upto + 1)]
-        rows[mode] = {key: [r[key] for r in results] for key in ("accuracy", "strip_rate", "correct")}
+                                 cfg.eval.batch_size, mode, cfg.eval.target_precision, chosen[mode][t])
+                   for t in range(upto + 1)]
+        rows[mode] = {key: [r.get(key) for r in results]
+                      for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
+    if not untrained:
+        save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
     out = {"rows": rows, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
