@@ -61,32 +61,6 @@ from pipelines.search_space import (SearchConfig, load_search, param_space, plan
 from pipelines.trial import run_trial, trial_dirname
 
 
-def _progress_callback_class():
-    from ray.tune import Callback
-
-    class TrialProgress(Callback):
-        """One line per trial event on the console (Tune's own output is turned off)."""
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            print(f"[tune] {trial.trial_id} started   {_short(trial_params(trial.config))}", flush=True)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"[tune] {trial.trial_id} stage {result.get('stage')}/{result.get('tasks')}  "
-                  f"AA so far {result.get('AA_so_far', float('nan')):5.1f}  score {result.get('score', float('nan')):5.1f}",
-                  flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            r = trial.last_result or {}
-            early = r.get("stage") is not None and r.get("stage") < r.get("tasks", 0)
-            print(f"[tune] {trial.trial_id} {'stopped early at stage ' + str(r.get('stage')) if early else 'finished'}",
-                  flush=True)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[tune] {trial.trial_id} ERROR (see {trial.path}/error.txt)", flush=True)
-
-    return TrialProgress
-
-
 def _short(params: dict) -> str:
     return " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
 
@@ -153,8 +127,8 @@ def _tuner(ctx: dict, search: SearchConfig, concurrency: int, experiment_dir: Pa
         tune_config=tune.TuneConfig(metric="score", mode=search.mode, num_samples=search.num_samples,
                                     max_concurrent_trials=concurrency if search.search == "optuna" else None, search_alg=algo, scheduler=scheduler,
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent), verbose=0,
-                                  callbacks=[_progress_callback_class()()],
+        # Progress is Tune's own reporter (trial started / result / completed, status tables).
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
