@@ -203,7 +203,7 @@ class Driver:
         model = self.stage("model", lambda _: stages.materialize.options(**opts).remote(cfg, str(cache / "models")))
         base = ModelSpec.model_validate(model["spec"])  # the ledger holds it as JSON
         self.precision = model["precision"]
-        self.progress(f"  precision {self.precision} (training.precision: {cfg.training.precision})")
+        self.progress(f"precision {self.precision} (training.precision: {cfg.training.precision})")
         self._tracked(lambda: self.tracker.tag(self.parent, "clpipe.precision", self.precision))
         # Every task's data first: the untrained baseline evaluates all of them.
         prepared = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
