@@ -206,12 +206,16 @@ def train_step(loss: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> 
     return step
 
 
-def moe_cl_model(lm: nn.Module, source: str) -> tuple[ContinualModel, object]:
-    """SmolLM2 with a MoE-CL bank set up for task 0 (float32 experts whatever the base's dtype)."""
-    method = build_method("moe_cl")
-    model = ContinualModel(lm, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router), source)
-    method.setup_task(model, 0)
-    return model, method
+def moe_cl_models(lm: nn.Module, source: str) -> dict[str, tuple[ContinualModel, object]]:
+    """Copies of SmolLM2 with a MoE-CL bank set up for task 0, by precision: "fp32", and "bf16"
+    (the base in bfloat16, as bf16-mixed stores it; the experts float32 in both)."""
+    models = {}
+    for precision, base in (("fp32", copy.deepcopy(lm)), ("bf16", copy.deepcopy(lm).to(torch.bfloat16))):
+        method = build_method("moe_cl")
+        model = ContinualModel(base, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router), source)
+        method.setup_task(model, 0)
+        models[precision] = model, method
+    return models
 
 
 def smollm2(device: torch.device) -> tuple[nn.Module, object, str]:
@@ -226,10 +230,9 @@ def model_steps(lm: nn.Module, tok, source: str) -> dict[str, Step]:
     peft_lm = get_peft_model(copy.deepcopy(lm), lora_config()).train()
     objective = LMObjective(tok, [TaskFormat(name="bench", verbalizers=LABELS, max_length=SEQ)])
     batch = to_device(answer_batch(objective, lm.config.vocab_size), next(lm.parameters()).device)
-    learners = {}
-    for name, base in (("moe_cl_step", copy.deepcopy(lm)), ("moe_cl_bf16_step", copy.deepcopy(lm).to(torch.bfloat16))):
-        model, method = moe_cl_model(base, source)
-        learners[name] = Learner(model, objective, method).train()
+    models = moe_cl_models(lm, source)
+    learners = {name: Learner(models[precision][0], objective, models[precision][1]).train()
+                for name, precision in (("moe_cl_step", "fp32"), ("moe_cl_bf16_step", "bf16"))}
     steps = {name: train_step(lambda learner=learner: learner(batch)[0], trainable_parameters(learner))
              for name, learner in learners.items()}
     steps["peft_lora_step"] = train_step(lambda: objective.loss(PeftLM(peft_lm), batch), trainable_parameters(peft_lm))
@@ -242,11 +245,9 @@ def eval_passes(lm: nn.Module, tok, source: str) -> dict[str, Step]:
     g = torch.Generator().manual_seed(1)
     examples = [{"prompt_ids": torch.randint(lm.config.vocab_size, (EVAL_PROMPT_TOKENS,), generator=g).tolist(),
                  "label": i % len(LABELS), "task": 0} for i in range(EVAL_EXAMPLES)]
-    passes = {}
-    for name, base in (("eval_fp32", copy.deepcopy(lm)), ("eval_bf16", copy.deepcopy(lm).to(torch.bfloat16))):
-        model, method = moe_cl_model(base, source)
-        passes[name] = lambda model=model, method=method: evaluate_task(model, objective, method, examples, EVAL_BATCH)
-    return passes
+    return {f"eval_{precision}": lambda model=model, method=method: evaluate_task(model, objective, method, examples,
+                                                                                  EVAL_BATCH)
+            for precision, (model, method) in moe_cl_models(lm, source).items()}
 
 
 # -- report ----------------------------------------------------------------------------------------
