@@ -3,7 +3,7 @@ and the penalty Σ_i F_i (θ_i − θ*_i)² on later tasks.
 
 F and θ* live in `model.method_state` under "<prefix>fisher.<key>" / "<prefix>anchor.<key>",
 <key> being the parameter's key in the bank file, so they travel with the bank between stages.
-Fishers add up over tasks; the anchor is the latest value.
+Fishers add up over tasks; the anchor is the latest value. An unweighted (L2) anchor stores θ* alone.
 """
 
 from __future__ import annotations
@@ -46,13 +46,23 @@ def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.
         model.method_state[f"{prefix}anchor.{name}"] = p.detach().float().clone()
 
 
-def anchor_penalty(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter]) -> torch.Tensor | None:
-    """Σ_i F_i (θ_i − θ*_i)² over the parameters that have a Fisher; None before the first one."""
+def store_anchor(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter]) -> None:
+    """θ* of `params` alone, for an unweighted (L2) anchor."""
+    for name, p in params.items():
+        model.method_state[f"{prefix}anchor.{name}"] = p.detach().float().clone()
+
+
+def anchor_penalty(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter],
+                   weighted: bool = True) -> torch.Tensor | None:
+    """Σ_i F_i (θ_i − θ*_i)² (`weighted`) or Σ_i (θ_i − θ*_i)² over the parameters that have an
+    anchor; None before the first one."""
     terms = []
     for key, p in params.items():
-        fisher = model.method_state.get(f"{prefix}fisher.{key}")
-        if fisher is None:
+        anchor = model.method_state.get(f"{prefix}anchor.{key}")
+        if anchor is None:
             continue
-        anchor = model.method_state[f"{prefix}anchor.{key}"].to(device=p.device, dtype=torch.float32)
-        terms.append((fisher.to(device=p.device, dtype=torch.float32) * (p.float() - anchor).pow(2)).sum())
+        drift = (p.float() - anchor.to(device=p.device, dtype=torch.float32)).pow(2)
+        if weighted:
+            drift = model.method_state[f"{prefix}fisher.{key}"].to(device=p.device, dtype=torch.float32) * drift
+        terms.append(drift.sum())
     return torch.stack(terms).sum() if terms else None

@@ -83,6 +83,12 @@ class ExpertBank:
     def expert_names(self) -> list[str]:
         return sorted({m.name for layer in self.layers for m in layer.expert_meta})
 
+    def expert_parameters(self, kind: str | None = None) -> dict[str, nn.Parameter]:
+        """The experts' parameters (those of one `kind`, or all) by their bank-file key."""
+        return {f"layers.{i}.experts.{e}.{n}": p for i, layer in enumerate(self.layers)
+                for e, meta in enumerate(layer.expert_meta) if kind is None or meta.kind == kind
+                for n, p in layer.experts[e].named_parameters()}
+
     def set_trainable(self, trainable: bool, *, kind: str | None = None, task: int | None = None,
                       name: str | None = None) -> None:
         for layer in self.layers:

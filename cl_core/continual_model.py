@@ -62,6 +62,17 @@ class ContinualModel(nn.Module):
         self.extra_specs[name] = {"in": in_features, "out": out_features, "bias": bias}
         return linear
 
+    def widen_linear(self, name: str, out_features: int) -> nn.Linear:
+        """A method module with more output rows (e.g. a classifier over the tasks seen so far):
+        its existing rows are kept, the new ones freshly initialised."""
+        old, spec = self.extras[name], self.extra_specs[name]
+        new = self.add_linear(name, spec["in"], out_features, spec["bias"])
+        with torch.no_grad():
+            new.weight[: old.out_features] = old.weight
+            if spec["bias"]:
+                new.bias[: old.out_features] = old.bias
+        return new
+
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor | None = None, **kwargs):
         """Last hidden states of the decoder; the LM head is applied by the objective only where needed."""

@@ -177,7 +177,7 @@ class MixtureFFN(nn.Module):
         gates = route.gates.transpose(0, 1)  # [E, N]
         mixed = torch.einsum("en,eni->ni", gates, h)
         if self.context.capture_shared:
-            self._capture_shared(h, experts, shape)
+            self._capture_shared(h, gate_base, up_base, experts, shape)
         return self.base.down_proj(mixed) + self._down_delta(h, experts, gates)
 
     def _cat(self, name: str, transpose: bool = False) -> torch.Tensor:
@@ -209,11 +209,13 @@ class MixtureFFN(nn.Module):
         z = (self._shared_dropout(h) @ self._cat("A_down").T) * (mask * (s * gates).unsqueeze(-1))  # [k, N, E·r]
         return self.base.down_proj(mixed) + z.sum(0) @ self._cat("B_down", transpose=True)
 
-    def _capture_shared(self, h: torch.Tensor, experts: list[int], shape) -> None:
-        """Attention-masked mean of the shared experts' output, per sample: [B, d].
+    def _capture_shared(self, h: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
+                        experts: list[int], shape) -> None:
+        """What the shared experts add to the base FFN, attention-masked mean per sample: [B, d].
 
-        Pooling commutes with the (linear) down projection, so pool h first and project the
-        [B, I] mean instead of running the down projection on every token again.
+        Their contribution, not their whole FFN output: the base part carries whatever tells the
+        inputs apart and no expert can change it. Pooling commutes with the (linear) down
+        projection, so pool h first and project the [B, I] means instead of every token.
         """
         shared = [i for i, e in enumerate(experts) if self.expert_meta[e].kind == "shared"]
         if not shared:
@@ -226,8 +228,9 @@ class MixtureFFN(nn.Module):
         # experts out of h would copy them, and scatter into a zero [E, N, I] gradient backward.
         pool = (torch.eye(b, dtype=h.dtype, device=h.device)[:, :, None] * weights).reshape(b, b * t)
         pooled = (pool @ h)[shared]  # [S, B, I]
+        pooled_base = pool @ (self.base.act_fn(gate_base) * up_base)  # [B, I]
         ids = [experts[i] for i in shared]
-        out = self.base.down_proj(pooled) + self.scaling * torch.einsum(
+        out = self.base.down_proj(pooled - pooled_base) + self.scaling * torch.einsum(
             "ebr,edr->ebd", pooled @ self._stack(ids, "A_down").transpose(1, 2), self._stack(ids, "B_down"))
         self.context.shared_features.append(out.mean(0))
 

@@ -23,22 +23,31 @@ class Learner(nn.Module):
         self.objective = objective
         self.method = method
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        task_loss, extra = routed_losses(self.model, self.objective, self.method, batch)
+    def forward(self, batch: dict[str, torch.Tensor], diagnose: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """`diagnose` also asks the method for its costly figures (e.g. gradient norms): the
+        training loops ask on the steps whose logs they send."""
+        method_logs: dict[str, float] = {}
+        task_loss, extra = routed_losses(self.model, self.objective, self.method, batch,
+                                         method_logs=method_logs, diagnose=diagnose)
         loss = task_loss + sum(extra.values())
         logs = {"loss": float(loss.detach()), "loss/task": float(task_loss.detach())}
         logs.update({f"loss/{k}": float(v.detach()) for k, v in extra.items()})
+        logs.update(method_logs)
         return loss, logs
 
 
 def routed_losses(model: ContinualModel, objective, method, batch: dict[str, torch.Tensor],
-                  method_terms: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  method_terms: bool = True, method_logs: dict[str, float] | None = None,
+                  diagnose: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective's loss with the batch routed as the method routes it in training, and (if
-    `method_terms`) the method's own loss terms, which read what routing captured."""
+    `method_terms`) the method's own loss terms, which read what routing captured; the method's
+    training figures go to `method_logs` where given."""
     fields = method.routing_fields(model, batch, training=True)
     with model.bank.routing(attention_mask=batch["attention_mask"], **fields) as ctx:
         task_loss = objective.loss(model, batch)
         extra = method.extra_losses(model, batch, ctx) if method_terms else {}
+        if method_logs is not None:
+            method_logs.update(method.training_logs(model, ctx, task_loss, extra, diagnose))
     return task_loss, extra
 
 
@@ -55,12 +64,18 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def build_optimizer(learner: Learner, lr: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, in the parameter groups (learning rate, weight decay)
+    the method sets: the same optimizer for the in-process loop and the Ray Train workers."""
+    return torch.optim.AdamW(learner.method.param_groups(learner.model, trainable_parameters(learner), lr))
+
+
 def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[dict[str, float]]:
-    """A plain single-process loop (AdamW, no weight decay); returns every step's logs
+    """A plain single-process loop (see `build_optimizer`); returns every step's logs
     (`Learner` logs: "loss" and each loss term).
 
     The method's `after_step` runs after every optimizer step."""
-    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=lr, weight_decay=0.0)
+    optimizer = build_optimizer(learner, lr)
     learner.train()
     logs = []
     for batch in batches:

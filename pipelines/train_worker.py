@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cl_core.training import Learner, to_device, trainable_parameters
+from cl_core.training import Learner, build_optimizer, to_device
 from pipelines.assembly import build_stage
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared
@@ -118,7 +118,7 @@ def train_loop(config: dict) -> None:
     stage = build_stage(cfg, config["base_model"], config.get("parent_bank") and Path(config["parent_bank"]),
                         setup_task=task)
     learner = Learner(stage.model, stage.objective, stage.method)
-    optimizer = torch.optim.AdamW(trainable_parameters(learner), lr=cfg.training.lr, weight_decay=0.0)
+    optimizer = build_optimizer(learner, cfg.training.lr)
     ds_config = deepspeed_config(cfg, max(p.numel() for p in stage.model.bank_parameters()))
     engine, _, _, _ = deepspeed.initialize(model=learner, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
@@ -153,7 +153,7 @@ def train_loop(config: dict) -> None:
     pending, started, checkpoint_s = [], time.perf_counter(), 0.0
     for step in range(start, len(schedule)):
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
-        loss, logs = engine(batch)
+        loss, logs = engine(batch, diagnose=(step + 1) % LOG_EVERY == 0 or step + 1 == len(schedule))
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
         engine.step()

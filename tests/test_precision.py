@@ -54,9 +54,11 @@ def test_auto_follows_the_hardware(monkeypatch):
 
 def test_bf16_mixed_stores_the_base_in_bf16_and_trains_float32_tensors():
     model, objective, method, train, _ = _moe_cl("bf16-mixed")
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    method.setup_task(model, 1)  # two tasks seen: the discriminators train too
+    bank = {id(p) for p in model.bank_parameters()}
+    frozen = [p for p in model.parameters() if id(p) not in bank]  # the base model
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in frozen} == {torch.bfloat16} and not any(p.requires_grad for p in frozen)
     assert trainable and {p.dtype for p in trainable} == {torch.float32}  # experts, gates, discriminators
     with model.bank.routing(task_ids=torch.zeros(1, dtype=torch.long)):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -66,7 +68,9 @@ def test_bf16_mixed_stores_the_base_in_bf16_and_trains_float32_tensors():
 
     learner = Learner(model, objective, method)
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    loss, _ = learner(objective.collate(train[:8]))
+    batch = objective.collate(train[:8])
+    batch["task_ids"].fill_(1)  # through task 1's expert and gate
+    loss, _ = learner(batch)
     assert loss.dtype == torch.float32
     loss.backward()
     optimizer.step()

@@ -78,6 +78,17 @@ class Method:
         where `uses_earlier_examples` is set, and is empty otherwise."""
         return current
 
+    def training_logs(self, model: ContinualModel, ctx: RoutingContext, task_loss: torch.Tensor,
+                      extra: dict[str, torch.Tensor], diagnose: bool) -> dict[str, float]:
+        """Figures of this training step beyond the losses (logged with them); `diagnose` asks
+        for the costly ones, e.g. gradient norms that need extra backward passes."""
+        return {}
+
+    def param_groups(self, model: ContinualModel, params: list[torch.nn.Parameter], lr: float) -> list[dict]:
+        """The optimizer's parameter groups over the trainable `params` (learning rate, weight
+        decay): one group at `lr`, no weight decay, unless the method treats some apart."""
+        return [{"params": params, "lr": lr, "weight_decay": 0.0}]
+
     def after_step(self, model: ContinualModel) -> None:
         """After every optimizer step while training (e.g. momentum copies of experts). State that
         `after_task` needs goes to `model.method_state`: it reaches the bank stage with the trained tensors."""

@@ -1,0 +1,145 @@
+"""Which control of MoE-CL's shared expert keeps old tasks: measured on the shared sequences.
+
+    python -m benchmarks.moe_cl_shared [--sequences order1,multiemo] [--variants lr1,lr0.1]
+                                       [--test-examples 100] [--steps 16]
+
+MoE-CL's only moving part for an earlier task is the shared expert (see cl_core/methods/moe_cl.py),
+so this compares the drift controls on SmolLM2-135M-Instruct with the continual-learning
+benchmark's budget (16 optimizer steps of 8 examples per task, lr 1e-3, rank 8), in process: the
+pipeline's data preparation, training step and evaluation without Ray and MLflow around them,
+which would add minutes per run and change no number. Each finished (sequence, variant) is written
+to `benchmarks/results/moe_cl_shared.json` at once, with its accuracy matrix and per-example
+correctness, and skipped when the command runs again. Differences against `lr1` (the shared
+expert at the experts' learning rate, the earlier default) are paired bootstrap intervals over
+the same test examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl_core.base_model import load_tokenizer
+from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
+from cl_core.precision import base_dtype, resolve_precision
+from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
+from pipelines.assembly import build_stage, materialize_base_model
+from pipelines.config import parse_config
+from pipelines.data import load_prepared, prepare_task
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results" / "moe_cl_shared.json"
+MULTIEMO_LABELS = ["ambivalent", "negative", "neutral", "positive"]
+SEQUENCES = {
+    "order1": {"bbc_news_topic": ["business", "entertainment", "politics", "sports", "tech"],
+               "vader_movieReviewSnippets": ["negative", "positive"],
+               "spamassassin": ["ham", "spam"],
+               "foldoc_subject": ["company", "database", "graphics", "hardware", "language", "mathematics",
+                                  "networking", "operating system", "programming", "security"]},
+    "multiemo": {f"multiemo_{d}": MULTIEMO_LABELS for d in ("hotels", "medicine", "products", "reviews")},
+}
+VARIANTS = {
+    "lr1": {"shared_lr_scale": 1.0},
+    "lr0.1": {"shared_lr_scale": 0.1},
+    "lr0.02": {"shared_lr_scale": 0.02},
+    "ema0.9": {"shared_lr_scale": 1.0, "shared_ema": 0.9},
+    "lr0.1-nogan": {"shared_lr_scale": 0.1, "adv_weight": 0.0},
+}
+
+
+def run_config(sequence: str, variant: str, steps: int, test_examples: int) -> dict:
+    tasks = SEQUENCES[sequence]
+    return {
+        "name": f"shared-{sequence}-{variant}",
+        "model": {"kind": "smollm2"},
+        "tasks": [{"name": t, "data": {"train": str(DATA / t / "train.jsonl"), "test": str(DATA / t / "test.jsonl")},
+                   "labels": labels, "max_train_examples": steps * 8, "max_test_examples": test_examples}
+                  for t, labels in tasks.items()],
+        "objective": "lm",
+        "method": {"name": "moe_cl", "params": VARIANTS[variant]},
+        "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
+        "training": {"lr": 1e-3, "batch_size": 8, "max_length": 96, "seed": 0},
+        "data": {"on_bad_rows": "skip"},  # spamassassin has a few empty messages
+    }
+
+
+def shuffled_batches(collate, examples: list[dict], batch_size: int, seed: int):
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]])
+
+
+def run(sequence: str, variant: str, steps: int, test_examples: int, cache: Path) -> dict:
+    cfg = parse_config(run_config(sequence, variant, steps, test_examples))
+    precision = resolve_precision(cfg.training.precision, torch.device("cpu"))
+    base = materialize_base_model(cfg, cache / "models").model_copy(update={"dtype": base_dtype(precision)})
+    tokenizer = load_tokenizer(base)
+    paths = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
+                          cache / "data", 0)["path"] for i, t in enumerate(cfg.tasks)]
+    stage = build_stage(cfg, base)
+    model, objective, method = stage.model, stage.objective, stage.method
+    learner = Learner(model, objective, method)
+    start = time.perf_counter()
+    correct: list[list[list[int]]] = []
+    for t, path in enumerate(paths):
+        torch.manual_seed(cfg.training.seed * 1000 + t)
+        method.setup_task(model, t)
+        objective.setup_task(model, t)
+        train = load_prepared(path, "train")
+        train_steps(learner, shuffled_batches(objective.collate, train, 8, cfg.training.seed + t), lr=cfg.training.lr)
+        method.after_task(model, t, lambda: shuffled_batches(objective.collate, train, 8, 0),
+                          task_loss_fn(model, objective, method))
+        correct.append([evaluate_task(model, objective, method, load_prepared(p, "test"), batch_size=20)["correct"]
+                        for p in paths[: t + 1]])
+    R = np.array([[np.mean(row[j]) * 100 if j < len(row) else np.nan for j in range(len(paths))] for row in correct])
+    return {"sequence": sequence, "variant": variant, "params": VARIANTS[variant], "precision": precision,
+            "AA": average_accuracy(R), "BwT": backward_transfer(R), "R": np.round(R, 2).tolist(),
+            "wall_s": round(time.perf_counter() - start, 1), "correct": correct}
+
+
+def compare(rows: list[dict]) -> dict:
+    """Each variant minus `lr1` on the same sequence: AA and BwT with paired 95% intervals."""
+    out = {}
+    for row in rows:
+        ref = next((r for r in rows if r["sequence"] == row["sequence"] and r["variant"] == "lr1"), None)
+        if ref is None or row is ref:
+            continue
+        a = [[np.array(c) for c in stage] for stage in row["correct"]]
+        b = [[np.array(c) for c in stage] for stage in ref["correct"]]
+        out[f"{row['sequence']}/{row['variant']}-lr1"] = {
+            name: [round(100 * v, 1) for v in paired_difference(a, b, measure)]
+            for name, measure in (("AA", average_accuracy), ("BwT", backward_transfer))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequences", default="order1,multiemo")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--test-examples", type=int, default=100)
+    parser.add_argument("--cache", default=str(REPO / "runs" / "moe_cl_shared"))
+    args = parser.parse_args()
+    done = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
+    for sequence in args.sequences.split(","):
+        for variant in args.variants.split(","):
+            if any(r["sequence"] == sequence and r["variant"] == variant for r in done):
+                continue
+            row = run(sequence, variant, args.steps, args.test_examples, Path(args.cache))
+            done.append(row)
+            print(f"{sequence} {variant}: AA {row['AA']:.1f} BwT {row['BwT']:+.1f} ({row['wall_s']:.0f} s)", flush=True)
+            RESULTS.write_text(json.dumps({"steps_per_task": args.steps, "test_examples": args.test_examples,
+                                           "runs": done, "vs_lr1": compare(done)}, indent=1))
+    print(json.dumps(compare(done), indent=1))
+
+
+if __name__ == "__main__":
+    main()
