@@ -26,7 +26,7 @@ TASK1_LABELS = ("w3", "w4", "w5")
 PARAMS = {
     "seq_lora": {},
     "per_task_lora": {},
-    "replay": {"buffer_size": 12},
+    "replay": {"buffer_share": 0.25},
     "ewc": {"lam": 100.0},
     "olora": {"lam_orth": 0.5},
     "mocl": {},
@@ -138,11 +138,9 @@ def check_replay(s0, s1, tmp_path, two_tasks):
     # deterministic, and a task's buffer does not depend on the task being trained
     assert method.training_examples(1, train[1], train[:1], 0) == examples
     assert replay_buffer(train[0], 12, 0, 0) == replay_buffer(train[0], 12, 0, 0) != replay_buffer(train[0], 12, 1, 0)
-    ratio = build_method("replay", ratio=0.5).training_examples(1, train[1], train[:1], 0)
-    assert sum(ex["task"] == 0 for ex in ratio) == 24
+    default = build_method("replay").training_examples(1, train[1], train[:1], 0)
+    assert sum(ex["task"] == 0 for ex in default) == 5  # 10% of task 0's 48 examples
     assert sorted(map(repr, s0["examples"])) == sorted(map(repr, train[0]))  # task 0: nothing to replay
-    with pytest.raises(ValueError, match="not both"):
-        build_method("replay", buffer_size=4, ratio=0.1)
     # replaying 12 examples of task 0 keeps more of it than plain sequential LoRA
     seq = two_tasks("seq_lora")[1]
     print(f"replay: task-0 accuracy {s0['acc'][0]:.2f} after task 0, {s1['acc'][0]:.2f} after task 1 "
@@ -267,7 +265,7 @@ def test_registered_with_oracle_and_routable_flags():
     assert {name for name in METHODS if METHODS[name].method.uses_earlier_examples} == {"replay", "mtl"}
     assert {name for name, (cls, _) in METHODS.items() if cls.training_examples is not Method.training_examples} \
         == {"replay", "mtl"}
-    for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"ratio": -0.1}),
+    for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"buffer_share": 0}),
                       ("mocl", {"match_weight": -1}), ("mocl", {"key_scale": 0})]:
         with pytest.raises(ValueError):
             build_method(name, **bad)
@@ -285,3 +283,27 @@ def test_setup_task_is_idempotent_and_freezes_earlier_tasks():
         assert trainable and all(".experts." in n or ".keys." in n for n in trainable)
         if per_task:
             assert all(".experts.1." in n or ".keys.1" in n for n in trainable), trainable
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_method_gets_the_same_optimizer_steps_per_task(world):
+    """Replay's and MTL's extra examples come within the task's steps: an epoch is the task's own size."""
+    from pipelines.config import parse_config
+    from pipelines.train_worker import micro_batches
+    from tests.conftest import tiny_run
+
+    cfg = parse_config(tiny_run(training={"batch_size": 8, "grad_accum": 2, "epochs": 2}))
+    _, tok = tiny_model("learned")
+    _, train, _ = _data(tok)
+    steps = {}
+    for name in ("seq_lora", "replay", "mtl"):
+        examples = build_method(name).training_examples(1, train[1], train[:1], 0)
+        schedule = micro_batches(len(examples), cfg, 1, 0, world, n_task=len(train[1]))
+        steps[name] = len(schedule) // cfg.training.grad_accum
+        drawn = {i for batch in schedule for i in batch}
+        if name == "mtl":  # 96 examples, 48 an epoch, drawn from both tasks
+            assert {examples[i]["task"] for i in drawn} == {0, 1}
+    # world 1: 48 / 8 = 6 micro batches an epoch; world 2: 24 / 8 = 3 per rank, padded to 4 for whole
+    # accumulation cycles; 2 epochs, 2 micro batches per optimizer step
+    expected = {1: 6, 2: 4}[world]
+    assert steps == {"seq_lora": expected, "replay": expected, "mtl": expected}
