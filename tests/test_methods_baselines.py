@@ -166,8 +166,13 @@ def check_ewc(s0, s1, tmp_path, two_tasks):
         held, loose = distance(s1["model"], weighted), distance(free["model"], weighted)
         print(f"ewc: {'Fisher-weighted' if weighted else 'L2'} distance to θ*: lam=100 {held:.4g}, lam=0 {loose:.4g}")
     assert distance(s1["model"], True) < 0.7 * distance(free["model"], True)
-    print(f"ewc: task-0 accuracy after task 1: lam=100 {s1['acc'][0]:.2f}, lam=0 {free['acc'][0]:.2f}")
+    seq = two_tasks("seq_lora")[1]
+    print(f"ewc: task-0 accuracy after task 1: lam=100 {s1['acc'][0]:.2f}, lam=0 {free['acc'][0]:.2f}, "
+          f"seq_lora {seq['acc'][0]:.2f}")
     assert distance(s1["model"], False) < distance(free["model"], False)
+    # the penalty changes the result: with the batch-mean Fisher EWC kept task 0 no better than
+    # sequential LoRA (0.50 and 0.50); with the per-sample Fisher it keeps it (measured 0.92)
+    assert s1["acc"][0] > seq["acc"][0] + 0.2 and s1["acc"][1] >= LEARNED[1]
     assert s1["logs"][0]["loss/ewc"] == 0 < s1["logs"][1]["loss/ewc"] and "loss/ewc" not in s0["logs"][0]
     # Fishers accumulate: after task 1 each is the task-0 Fisher plus a non-negative one
     after = s1["model"].method_state
