@@ -179,19 +179,41 @@ def check_ewc(s0, s1, tmp_path, two_tasks):
     assert all((after[FISHER + k] >= f).all() for k, f in fishers.items())
 
 
+def _logits(model, method, batch, fields=None):
+    fields = method.routing_fields(model, batch, training=False) if fields is None else fields
+    with model.bank.routing(attention_mask=batch["attention_mask"], **fields), torch.no_grad():
+        return model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def check_olora(s0, s1, tmp_path, two_tasks):
-    assert _n_experts(s1["model"]) == [2, 2]
+    model, objective, method, test = s1["model"], s1["objective"], s1["method"], s1["test"]
+    assert _n_experts(model) == [2, 2]
     assert s0["logs"][0]["loss/orth"] == 0
     orth = [log["loss/orth"] for log in s1["logs"]]
     print(f"olora: orthogonality loss {orth[0]:.4f} at the first step of task 1, {orth[-1]:.4f} at the last")
     assert orth[0] > 0.05 and orth[-1] < 0.5 * orth[0]
-    state = s1["model"].bank_state_dict()
+    state = model.bank_state_dict()
     frozen = _experts(s0["model"].bank_state_dict(), 0)
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
-    assert s1["acc"][0] == s0["acc"][0] and s1["acc"][1] >= LEARNED[1]
     # the bank's final LoRAs: task 1's A factors nearly orthogonal to task 0's
     with torch.no_grad():
-        assert PARAMS["olora"]["lam_orth"] * float(olora_terms(s1["model"])[0]) < 0.5 * orth[0]
+        assert PARAMS["olora"]["lam_orth"] * float(olora_terms(model)[0]) < 0.5 * orth[0]
+    # answers without a task id: the inferred mode (ids -1) and any id give the same predictions
+    batch = objective.collate(test[0][:4] + test[1][:4])
+    assert torch.equal(_logits(model, method, batch), _logits(model, method, batch, {"task_ids": batch["task_ids"] * 0}))
+    acc = [evaluate_task(model, objective, method, test[t], task_id_mode="inferred")["accuracy"] for t in (0, 1)]
+    assert acc == s1["acc"]
+    # both LoRAs act on every input at once: without task 0's delta, task 1's inputs get other logits
+    without0, _ = tiny_model(method.router)
+    without0.load(s1["bank"])
+    for layer in without0.bank.layers:
+        for factor in ("B_gate", "B_up", "B_down"):
+            getattr(layer.experts[0], factor).data.zero_()
+    task1 = objective.collate(test[1][:4])
+    assert (_logits(model, method, task1) - _logits(without0, method, task1)).abs().max() > 1e-3
+    seq = two_tasks("seq_lora")[1]
+    print(f"olora: accuracy after task 1 {acc} (seq_lora {seq['acc']}); after task 0 {s0['acc']}")
+    assert acc[1] >= LEARNED[1]
 
 
 def check_mocl(s0, s1, tmp_path, two_tasks):
@@ -208,6 +230,19 @@ def check_mocl(s0, s1, tmp_path, two_tasks):
     for t in (0, 1):
         inferred = evaluate_task(model, objective, method, test[t], task_id_mode="inferred")
         assert inferred["accuracy"] == s1["acc"][t]
+    # with a given task id only modules up to that task take part: moving task 1's expert and key
+    # leaves task 0's logits unchanged, while without the id (-1) they change
+    moved, _ = tiny_model(method.router)
+    moved.load(s1["bank"])
+    with torch.no_grad():
+        for layer in moved.bank.layers:
+            for p in layer.experts[1].parameters():
+                p.add_(0.5)
+            layer.router.keys[1].copy_(layer.router.keys[0])
+    batch0 = objective.collate(test[0][:8])
+    assert torch.equal(_logits(model, method, batch0), _logits(moved, method, batch0))
+    no_id = {**method.routing_fields(model, batch0, training=False), "task_ids": batch0["task_ids"] * 0 - 1}
+    assert (_logits(model, method, batch0, no_id) - _logits(moved, method, batch0, no_id)).abs().max() > 1e-3
     # task 0's expert and keys did not move while task 1 trained
     state = model.bank_state_dict()
     frozen = {k: v for k, v in s0["model"].bank_state_dict().items() if ".experts.0." in k or ".keys.0" in k}
@@ -260,7 +295,7 @@ def test_registered_with_oracle_and_routable_flags():
         "ewc": (False, True, "learned"),
         "mocl": (False, True, "similarity"),
         "mtl": (True, True, "learned"),
-        "olora": (False, False, "task"),
+        "olora": (False, True, "merged"),
         "per_task_lora": (True, False, "task"),
         "replay": (False, True, "learned"),
         "seq_lora": (False, True, "learned"),
