@@ -137,11 +137,12 @@ def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run)
     summary = _killed_during_task1_training_then_rerun(tiny_run("seq"), tmp_path / "s")
     assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), zero2_run[2].matrices["oracle"],
                           equal_nan=True)
+    assert summary["summary"]["oracle"]["FwT"] == zero2_run[2].summary["oracle"]["FwT"]  # task1/before ran again
     client = MlflowClient(default_tracking_uri(tmp_path / "s"))
     runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
     assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 1
     stages = [r.data.tags.get("clpipe.stage") for r in runs if "clpipe.stage" in r.data.tags]
-    assert len(stages) == len(set(stages)) == 10
+    assert len(stages) == len(set(stages)) == 11  # model, 2 × prepare, baseline, task1/before, 2 × (train, bank, evaluate)
 
 
 def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tmp_path, zero2_run):
