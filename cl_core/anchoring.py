@@ -1,6 +1,10 @@
 """Elastic anchoring, shared by EWC and SETA: a diagonal Fisher of some parameters after a task,
 and the penalty Σ_i F_i (θ_i − θ*_i)² on later tasks.
 
+The Fisher is the per-sample empirical Fisher: the mean over the task's training examples of
+the squared gradient of each example's own loss. (The square of a batch's mean gradient is not:
+the examples' gradients partly cancel in the mean, which made it several times smaller.)
+
 F and θ* live in `model.method_state` under "<prefix>fisher.<key>" / "<prefix>anchor.<key>",
 <key> being the parameter's key in the bank file, so they travel with the bank between stages.
 Fishers add up over tasks; the anchor is the latest value. An unweighted (L2) anchor stores θ* alone.
@@ -15,34 +19,48 @@ import torch
 from cl_core.continual_model import ContinualModel
 
 
-def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter],
-                 batches: Callable[[], Iterable[dict]], loss_fn: Callable[[dict], torch.Tensor]) -> None:
-    """Empirical diagonal Fisher (mean over batches of the squared gradient) and θ* of `params`."""
+def examples_of(batch: dict[str, torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
+    """A collated batch as batches of one example each (every field is indexed by example first)."""
+    for i in range(len(batch["input_ids"])):
+        yield {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def empirical_fisher(params: dict[str, torch.nn.Parameter], batches: Callable[[], Iterable[dict]],
+                     loss_fn: Callable[[dict], torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """(per-sample empirical diagonal Fisher of `params`, float32, by name; the mean example loss)."""
     names, tensors = list(params), list(params.values())
     device = tensors[0].device
     was = [p.requires_grad for p in tensors]
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-    count = 0
+    count, loss_sum = 0, 0.0
     try:
         for p in tensors:
             p.requires_grad_(True)
         with torch.enable_grad():
             for batch in batches():
-                batch = {k: v.to(device) for k, v in batch.items()}
-                grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
-                for s, g in zip(sums, grads):
-                    if g is not None:
-                        s.add_(g.detach().float().pow(2))
-                count += 1
+                for example in examples_of({k: v.to(device) for k, v in batch.items()}):
+                    loss = loss_fn(example)
+                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    for s, g in zip(sums, grads):
+                        if g is not None:
+                            s.add_(g.detach().float().pow(2))
+                    count += 1
+                    loss_sum += float(loss.detach())
     finally:
         for p, w in zip(tensors, was):
             p.requires_grad_(w)
     if count == 0:
-        raise ValueError(f"{prefix.rstrip('.')}: no training batches to estimate the Fisher from")
-    for name, s, p in zip(names, sums, tensors):
-        fisher = s / count
+        raise ValueError("no training examples to estimate the Fisher from")
+    return {name: s / count for name, s in zip(names, sums)}, loss_sum / count
+
+
+def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter],
+                 fisher: dict[str, torch.Tensor]) -> None:
+    """Add `fisher` to the Fishers of earlier tasks and make the current values of `params` θ*."""
+    for name, p in params.items():
         old = model.method_state.get(f"{prefix}fisher.{name}")
-        model.method_state[f"{prefix}fisher.{name}"] = fisher if old is None else old.to(fisher.device) + fisher
+        f = fisher[name]
+        model.method_state[f"{prefix}fisher.{name}"] = f if old is None else old.to(f.device) + f
         model.method_state[f"{prefix}anchor.{name}"] = p.detach().float().clone()
 
 

@@ -58,11 +58,13 @@ class Route:
 
     Dense: every token mixes the experts in `experts` with weights `gates` [N, E].
     Sparse (top-k): token n uses experts `topk_experts[n]` with weights `gates[n]` [N, k].
+    Merged (`merged`, no gates): every expert's LoRA delta is added to the weights, W + Σ_k ΔW_k.
     """
 
-    gates: torch.Tensor
+    gates: torch.Tensor | None = None
     experts: list[int] | None = None
     topk_experts: torch.Tensor | None = None
+    merged: bool = False
 
 
 class LoRAExpert(nn.Module):
@@ -134,7 +136,9 @@ class MixtureFFN(nn.Module):
         gate_base = self.base.gate_proj(xf)
         up_base = self.base.up_proj(xf)
         xd = self.dropout(xf)
-        if route.topk_experts is None:
+        if route.merged:
+            out = self._merged(xd, gate_base, up_base)
+        elif route.topk_experts is None:
             out = self._dense(xd, gate_base, up_base, route, shape)
         else:
             out = self._topk(xd, gate_base, up_base, route)
@@ -184,6 +188,15 @@ class MixtureFFN(nn.Module):
         """All experts' factors side by side along the rank: A as [E·r, in], B as [E·r, out]."""
         return torch.cat([getattr(expert, name).T if transpose else getattr(expert, name)
                           for expert in self.experts])
+
+    def _merged(self, xd, gate_base, up_base) -> torch.Tensor:
+        """Every expert's delta summed into the weights, W + s·Σ_k B_k A_k on gate, up and down (one
+        FFN, no gates): the experts' factors side by side along the rank are one LoRA of rank E·r."""
+        s = self.scaling
+        gate = gate_base + (s * (xd @ self._cat("A_gate").T)) @ self._cat("B_gate", transpose=True)
+        up = up_base + (s * (xd @ self._cat("A_up").T)) @ self._cat("B_up", transpose=True)
+        h = self.base.act_fn(gate) * up
+        return self.base.down_proj(h) + (s * (self.dropout(h) @ self._cat("A_down").T)) @ self._cat("B_down", transpose=True)
 
     def _topk(self, xd, gate_base, up_base, route: Route) -> torch.Tensor:
         """Top-k routing as k dense slots: slot j of token n runs expert topk_experts[n, j].

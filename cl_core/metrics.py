@@ -68,14 +68,31 @@ def backward_transfer(R: FloatArray) -> float:
     return float(np.mean(matrix[-1, earlier] - matrix[earlier, earlier]))
 
 
-def forward_transfer(R: FloatArray, baseline: FloatArray) -> float:
-    """FwT = 1/(T-1) * sum_{j>=1} (R[j, j] - baseline[j]); 0.0 when T == 1.
+def forward_transfer(before: FloatArray, baseline: FloatArray) -> float:
+    """FwT as GEM defines it (Lopez-Paz & Ranzato, 2017): 1/(T-1) * sum_{j>=1} (before[j] - baseline[j]);
+    0.0 when T == 1.
 
-    ``baseline[j]`` is the accuracy of the untrained bank on task ``j``. This differs from
-    GEM's definition, R[j-1, j] - b_j: task-expert methods have no expert for a task before
-    its stage, so R[j-1, j] is not meaningful for them. Instead we measure what the bank
-    reaches on task ``j`` after the earlier tasks (and task ``j`` itself) relative to the
-    untrained bank.
+    ``before[j]`` is the accuracy on task ``j`` of the bank left by task ``j-1``, with task ``j``
+    set up as its training would set it up and not trained (R[j-1, j] in GEM's notation);
+    ``baseline[j]`` is the untrained bank's. ``before[0]`` is not read (there is no task before
+    task 0). What the earlier tasks taught that helps task ``j`` before it is trained.
+    """
+    values = np.asarray(before, dtype=np.float64)
+    untrained = _checked_baseline(baseline, len(values))
+    if len(values) == 1:
+        return 0.0
+    if not np.isfinite(values[1:]).all():
+        raise ValueError("before must be finite from task 1 on: every task j >= 1 is evaluated before its training")
+    return float(np.mean(values[1:] - untrained[1:]))
+
+
+def learning_gain(R: FloatArray, baseline: FloatArray) -> float:
+    """Learning gain = 1/(T-1) * sum_{j>=1} (R[j, j] - baseline[j]); 0.0 when T == 1.
+
+    What the bank reaches on task ``j`` right after training it, over the untrained bank. It mixes
+    learning the task with any transfer, so it is not forward transfer (a method with no transfer
+    mechanism, such as a LoRA per task, scores high on it); see `forward_transfer`. Task 0 is left
+    out, as in FwT, so that the two compare the same tasks.
     """
     matrix = _checked_matrix(R)
     num_tasks = matrix.shape[0]
@@ -261,11 +278,13 @@ def decisions_at(probs: FloatArray, labels: IntArray, thresholds: list[float | N
                      float(correct.sum() / total) if total else None)
 
 
-def cl_summary(R: FloatArray, baseline: FloatArray) -> dict[str, float]:
-    """The four standard measures of a run, keyed as they are logged and reported."""
+def cl_summary(R: FloatArray, baseline: FloatArray, before: FloatArray) -> dict[str, float]:
+    """The standard measures of a run, keyed as they are logged and reported: ``before[j]`` is
+    task j's accuracy before its training (see `forward_transfer`)."""
     return {
         "AA": average_accuracy(R),
         "BwT": backward_transfer(R),
-        "FwT": forward_transfer(R, baseline),
+        "FwT": forward_transfer(before, baseline),
         "forgetting": forgetting(R),
+        "learning_gain": learning_gain(R, baseline),
     }

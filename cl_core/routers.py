@@ -5,7 +5,9 @@
   added no expert (CMoE), the latest earlier task with experts there serves it.
 - `learned`: softmax (or top-k) over all experts of the layer; no task id.
 - `similarity`: MoCL. Per-sample softmax(8·cos(query, key_k)) over task experts, the query being
-  frozen features of the input; no task id.
+  frozen features of the input; no task id. Given task ids (>= 0), a sample mixes only the experts
+  of tasks up to its own.
+- `merged`: O-LoRA. No gates: every expert's LoRA delta is summed into the weights; no task id.
 
 Routers grow with the bank: every added expert calls `on_expert_added`, so replaying the bank's
 expert list rebuilds a router's structure exactly (that is how banks are loaded).
@@ -19,7 +21,7 @@ from torch import nn
 
 from cl_core.experts import ExpertMeta, Route, RoutingContext
 
-ROUTER_KINDS = ("task", "learned", "similarity")
+ROUTER_KINDS = ("task", "learned", "similarity", "merged")
 
 
 def _gate_vector(hidden: int, ref: torch.Tensor | None = None) -> nn.Parameter:
@@ -137,9 +139,24 @@ class SimilarityRouter(nn.Module):
         if ctx.query is None:
             raise ValueError("the 'similarity' router needs a query; call ExpertBank.routing(query=...)")
         b, t, _ = x.shape
-        weights = torch.softmax(self.temperature * self.similarities(ctx.query.to(x.dtype)), dim=-1)
+        logits = self.temperature * self.similarities(ctx.query.to(x.dtype))
+        if ctx.task_ids is not None:  # a given task id: no later task's expert (-1: unknown, all)
+            owners = torch.tensor([layer.expert_meta[e].task for e in self.keyed_experts], device=x.device)
+            later = (owners[None, :] > ctx.task_ids[:, None]) & (ctx.task_ids[:, None] >= 0)
+            logits = logits.masked_fill(later, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)
         gates = weights[:, None, :].expand(b, t, -1).reshape(b * t, -1)
         return Route(gates=gates, experts=list(self.keyed_experts))
+
+
+class MergedRouter(nn.Module):
+    """O-LoRA: every expert at once, deltas summed (`Route.merged`); nothing to learn, no task id."""
+
+    def on_expert_added(self, index: int, meta: ExpertMeta) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext, layer: nn.Module) -> Route:
+        return Route(merged=True)
 
 
 def build_router(kind: str, hidden: int, top_k: int | None, query_dim: int) -> nn.Module:
@@ -149,4 +166,6 @@ def build_router(kind: str, hidden: int, top_k: int | None, query_dim: int) -> n
         return LearnedRouter(hidden, top_k)
     if kind == "similarity":
         return SimilarityRouter(query_dim)
+    if kind == "merged":
+        return MergedRouter()
     raise ValueError(f"unknown router kind {kind!r}; choose one of {ROUTER_KINDS}")

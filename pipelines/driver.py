@@ -61,13 +61,14 @@ class RunResult:
     precision: str  # what training.precision resolved to (cl_core.precision)
     matrices: dict[str, np.ndarray]  # mode → R[stage, task] (NaN above the diagonal)
     baseline: np.ndarray
-    summary: dict[str, dict[str, float]]  # mode → AA/BwT/FwT/forgetting
+    summary: dict[str, dict[str, float]]  # mode → AA/BwT/FwT/forgetting/learning_gain
     strip: dict[str, list[float]]  # mode → final strip rate per task, thresholds chosen on the test split
     tracking_uri: str
     wall_s: float
     compute_s: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     strip_calibrated: dict[str, list[float]] = field(default_factory=dict)  # thresholds from calibration slices
+    steps_per_task: list[int] = field(default_factory=list)  # optimizer steps of each task's training
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -226,10 +227,15 @@ class Driver:
                 plan_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}.plan")
                 start_bank = self.stage(f"task{t}/plan", lambda _, t=t: stages.plan.options(**opts).remote(
                     cfg, t, base, parent_bank, data[t], plan_dir))["path"]
+            # Task t before its training (FwT), on what the earlier tasks left: runs beside the training.
+            before = t and self.launch(f"task{t}/before", lambda _, t=t: stages.evaluate_before.options(**opts).remote(
+                cfg, t, base, start_bank, data[t], str(self.run_dir / "eval" / f"task{t}.before.json")))
             trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
                 child and {"tracking_uri": self.tracking_uri, "run_id": child}))
             self._record(pending)  # here, not at the end, so that a later crash cannot cost it
+            if before:
+                self.settle(before)
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
             built = self.stage(f"task{t}/bank", lambda _, t=t: stages.bank.options(**opts).remote(
                 cfg, t, base, start_bank, trained["tensors"], data[t], bank_dir))
@@ -293,10 +299,15 @@ class Driver:
         n = len(names)
         rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(n)]
         base = np.array(self.ledger.outputs("baseline/evaluate")["rows"]["oracle"]["accuracy"]) * 100
+        before_rows = [self.ledger.outputs(f"task{t}/before")["rows"] for t in range(1, n)]
+        before = {mode: np.array([np.nan] + [100 * row[mode]["accuracy"] for row in before_rows])
+                  for mode in rows[-1]}
+        # Optimizer steps (not micro batches): the budget every method gets per task.
+        steps_per_task = [self.ledger.outputs(f"task{t}/train")["steps"] // cfg.training.grad_accum for t in range(n)]
         matrices, summary, strip, strip_calibrated = {}, {}, {}, {}
         for mode in rows[-1]:
             matrices[mode] = accuracy_matrix([row[mode]["accuracy"] for row in rows], n)
-            summary[mode] = cl_summary(matrices[mode], base)
+            summary[mode] = cl_summary(matrices[mode], base, before[mode])
             strip[mode] = [100 * s for s in rows[-1][mode]["strip_rate"]]
             strip_calibrated[mode] = [100 * s for s in rows[-1][mode]["strip_rate_calibrated"]]
         report_dir = self.run_dir / "report"
@@ -306,7 +317,9 @@ class Driver:
                        f"{cfg.run_id}: accuracy (%)")
         result_json = {"run_id": cfg.run_id, "tasks": names, "precision": self.precision,
                        "summary": summary, "strip_rate": strip, "strip_rate_calibrated": strip_calibrated,
-                       "matrices": {m: R.tolist() for m, R in matrices.items()}, "baseline": base.tolist()}
+                       "matrices": {m: R.tolist() for m, R in matrices.items()}, "baseline": base.tolist(),
+                       "before_training": {m: [None] + b[1:].tolist() for m, b in before.items()},
+                       "steps_per_task": steps_per_task}
         atomic_write_text(report_dir / "summary.json", json.dumps(result_json, indent=2, default=float))
         key = {"oracle": "cl", "inferred": "cl_inferred"}
         metrics = {f"{key[m]}/{k}": v for m, s in summary.items() for k, v in s.items()}
@@ -327,7 +340,7 @@ class Driver:
                          matrices=matrices, baseline=base,
                          summary=summary, strip=strip, tracking_uri=self.tracking_uri,
                          wall_s=time.perf_counter() - wall_start, compute_s=compute, stage_seconds=seconds,
-                         strip_calibrated=strip_calibrated)
+                         strip_calibrated=strip_calibrated, steps_per_task=steps_per_task)
 
 
 def print_result(result: RunResult, out=sys.stdout) -> None:
@@ -335,7 +348,8 @@ def print_result(result: RunResult, out=sys.stdout) -> None:
         print(f"\nAccuracy matrix ({mode} task id), rows: after training each task", file=out)
         print(format_matrix(R, result.tasks, result.baseline, scale=1.0), file=out)
         s = result.summary[mode]
-        print(f"AA {s['AA']:.1f}  BwT {s['BwT']:+.1f}  FwT {s['FwT']:+.1f}  forgetting {s['forgetting']:.1f}  "
+        print(f"AA {s['AA']:.1f}  BwT {s['BwT']:+.1f}  FwT {s['FwT']:+.1f}  learning gain {s['learning_gain']:+.1f}  "
+              f"forgetting {s['forgetting']:.1f}  "
               f"strip rate {np.mean(result.strip_calibrated[mode]):.1f} (calibrated thresholds; upper bound with "
               f"thresholds chosen on the test split {np.mean(result.strip[mode]):.1f})", file=out)
     print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "

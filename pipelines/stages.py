@@ -157,6 +157,33 @@ def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, te
             "compute_s": time.perf_counter() - start}
 
 
+def eval_modes(cfg: RunConfig, method) -> list[str]:
+    """The task-id modes a bank is evaluated in: `eval.task_id`, inferred only where the method routes without."""
+    modes = ["oracle", "inferred"] if cfg.eval.task_id == "both" else [cfg.eval.task_id]
+    return modes if method.routable else ["oracle"]
+
+
+@ray.remote
+def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, data_path: str, out_file: str) -> dict:
+    """Task `task` before its training, for FwT as GEM defines it: the bank the earlier tasks left
+    (`bank_dir`, with the task's plan where the method plans), the task set up as its train stage
+    sets it up (same seed: the same fresh experts, gates and head), nothing trained; only the
+    task's own test split is read. One accuracy per mode."""
+    start = time.perf_counter()
+    _threads()
+    stage = build_stage(cfg, base, Path(bank_dir), setup_task=task)
+    stage.model.to(_device(cfg))
+    examples = load_prepared(data_path, "test")
+    rows = {}
+    for mode in eval_modes(cfg, stage.method):
+        result = evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size, mode,
+                               cfg.eval.target_precision)
+        rows[mode] = {"accuracy": result["accuracy"], "correct": result["correct"]}
+    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    atomic_write_text(Path(out_file), json.dumps(out, indent=2))
+    return {**out, "finished_at": time.time()}
+
+
 @ray.remote
 def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
              out_file: str, untrained: bool = False) -> dict:
@@ -176,9 +203,7 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
             stage.method.setup_task(stage.model, t)
             stage.objective.setup_task(stage.model, t)
     stage.model.to(_device(cfg))
-    modes = ["oracle", "inferred"] if cfg.eval.task_id == "both" else [cfg.eval.task_id]
-    if not stage.method.routable or untrained:  # untrained experts change nothing, however routed
-        modes = ["oracle"]
+    modes = ["oracle"] if untrained else eval_modes(cfg, stage.method)  # untrained experts: routing is moot
     rows, chosen = {}, {}
     for mode in modes:
         # Thresholds from each task's calibration slice (none for the untrained baseline, which has no bank).

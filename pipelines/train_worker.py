@@ -78,11 +78,16 @@ def epoch_order(n: int, seed: int, task: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(n_examples: int, cfg: RunConfig, task: int, rank: int, world: int) -> list[list[int]]:
+def micro_batches(n_examples: int, cfg: RunConfig, task: int, rank: int, world: int,
+                  n_task: int | None = None) -> list[list[int]]:
     """Every micro batch of this rank for the whole stage, in order: a pure function of the config,
-    so a resumed stage picks up at exactly the step it stopped."""
+    so a resumed stage picks up at exactly the step it stopped.
+
+    An epoch is `n_task` examples (the task's own training set), whatever `n_examples` the method
+    trains on: every method gets the same optimizer steps per task, and one that adds earlier
+    tasks' examples (replay, MTL) draws each epoch's `n_task` from all `n_examples`, reshuffled."""
     size, accum = cfg.training.batch_size, cfg.training.grad_accum
-    per_rank = math.ceil(n_examples / world)  # equal on every rank: collectives stay in step
+    per_rank = math.ceil((n_examples if n_task is None else n_task) / world)  # equal on every rank
     out = []
     for epoch in range(cfg.training.epochs):
         order = epoch_order(n_examples, cfg.training.seed, task, epoch)
@@ -128,7 +133,7 @@ def train_loop(config: dict) -> None:
     current = load_prepared(config["data"][task], "train")
     earlier = [load_prepared(p, "train") for p in config["data"][:task]] if stage.method.uses_earlier_examples else []
     examples = stage.method.training_examples(task, current, earlier, cfg.training.seed)
-    schedule = micro_batches(len(examples), cfg, task, rank, world)
+    schedule = micro_batches(len(examples), cfg, task, rank, world, n_task=len(current))
 
     start = 0
     checkpoint = ray.train.get_checkpoint()

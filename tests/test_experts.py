@@ -36,6 +36,24 @@ def test_fused_dense_equals_naive():
     assert (fused - layer.base(x)).abs().max() > 1e-3  # the experts really contribute
 
 
+def test_merged_route_is_the_ffn_with_every_delta_summed_into_its_weights():
+    """O-LoRA's route: W + s·Σ_k B_k A_k on gate, up and down, one FFN, no task id."""
+    model, _ = tiny_model("merged")
+    for t in range(3):
+        model.bank.add_expert(ExpertMeta(f"task{t}", "task", t))
+    _randomise_b(model)
+    layer = model.bank.layers[0]
+    x = torch.randn(3, 7, 64)
+    with model.bank.routing():
+        merged = layer(x)
+    s, base = layer.scaling, layer.base
+    delta = {name: s * sum(getattr(e, f"B_{name}") @ getattr(e, f"A_{name}") for e in layer.experts)
+             for name in ("gate", "up", "down")}
+    h = base.act_fn(x @ (base.gate_proj.weight + delta["gate"]).T) * (x @ (base.up_proj.weight + delta["up"]).T)
+    assert torch.allclose(merged, h @ (base.down_proj.weight + delta["down"]).T, atol=1e-5)
+    assert (merged - base(x)).abs().max() > 1e-3
+
+
 def test_fused_top2_of_8_equals_naive():
     model, _ = tiny_model("learned", top_k=2)
     for k in range(8):

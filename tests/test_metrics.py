@@ -13,6 +13,7 @@ from cl_core.metrics import (
     cl_summary,
     forgetting,
     forward_transfer,
+    learning_gain,
     paired_difference,
     strip_rate,
 )
@@ -29,6 +30,8 @@ R3 = np.array(
     ]
 )
 BASELINE3 = np.array([0.10, 0.20, 0.30])
+# Each task before its training, on the bank the previous task left (task 0 has none: never read).
+BEFORE3 = np.array([NAN, 0.25, 0.20])
 
 
 def test_average_accuracy_is_mean_of_last_row() -> None:
@@ -41,9 +44,19 @@ def test_backward_transfer_compares_last_row_with_diagonal() -> None:
     assert backward_transfer(R3) == pytest.approx(-0.125)
 
 
-def test_forward_transfer_compares_diagonal_with_untrained_bank() -> None:
+def test_forward_transfer_is_gems_accuracy_before_training_over_the_untrained_bank() -> None:
+    # ((0.25 - 0.20) + (0.20 - 0.30)) / 2 = (0.05 - 0.10) / 2; task 0 is not counted
+    assert forward_transfer(BEFORE3, BASELINE3) == pytest.approx(-0.025)
+
+
+def test_learning_gain_compares_diagonal_with_untrained_bank() -> None:
     # ((0.90 - 0.20) + (0.75 - 0.30)) / 2 = (0.70 + 0.45) / 2; task 0 is not counted
-    assert forward_transfer(R3, BASELINE3) == pytest.approx(0.575)
+    assert learning_gain(R3, BASELINE3) == pytest.approx(0.575)
+
+
+def test_forward_transfer_refuses_a_task_not_evaluated_before_its_training() -> None:
+    with pytest.raises(ValueError, match="before must be finite"):
+        forward_transfer(np.array([NAN, NAN, 0.2]), BASELINE3)
 
 
 def test_forgetting_measures_drop_from_best_earlier_accuracy() -> None:
@@ -52,30 +65,31 @@ def test_forgetting_measures_drop_from_best_earlier_accuracy() -> None:
     assert forgetting(R3) == pytest.approx(0.165)
 
 
-def test_cl_summary_gathers_the_four_measures() -> None:
-    assert cl_summary(R3, BASELINE3) == pytest.approx(
-        {"AA": 2.20 / 3, "BwT": -0.125, "FwT": 0.575, "forgetting": 0.165}
+def test_cl_summary_gathers_the_five_measures() -> None:
+    assert cl_summary(R3, BASELINE3, BEFORE3) == pytest.approx(
+        {"AA": 2.20 / 3, "BwT": -0.125, "FwT": -0.025, "forgetting": 0.165, "learning_gain": 0.575}
     )
 
 
 def test_cells_above_the_diagonal_are_never_read() -> None:
     filled = R3.copy()
     filled[np.triu_indices(3, k=1)] = 1.0  # higher than any evaluated accuracy
-    assert cl_summary(filled, BASELINE3) == cl_summary(R3, BASELINE3)
+    assert cl_summary(filled, BASELINE3, BEFORE3) == cl_summary(R3, BASELINE3, BEFORE3)
 
 
 def test_measures_work_in_points_as_well_as_fractions() -> None:
-    assert cl_summary(R3 * 100, BASELINE3 * 100) == pytest.approx(
-        {"AA": 220 / 3, "BwT": -12.5, "FwT": 57.5, "forgetting": 16.5}
+    assert cl_summary(R3 * 100, BASELINE3 * 100, BEFORE3 * 100) == pytest.approx(
+        {"AA": 220 / 3, "BwT": -12.5, "FwT": -2.5, "forgetting": 16.5, "learning_gain": 57.5}
     )
 
 
 def test_single_task_has_no_transfer_or_forgetting() -> None:
-    assert cl_summary(np.array([[0.7]]), np.array([0.1])) == {
+    assert cl_summary(np.array([[0.7]]), np.array([0.1]), np.array([NAN])) == {
         "AA": pytest.approx(0.7),
         "BwT": 0.0,
         "FwT": 0.0,
         "forgetting": 0.0,
+        "learning_gain": 0.0,
     }
 
 
@@ -94,17 +108,17 @@ def test_unevaluated_cell_in_lower_triangle_is_refused(cell: tuple[int, int]) ->
     broken = R3.copy()
     broken[cell] = NAN
     with pytest.raises(ValueError, match=rf"R has NaN.*R\[{cell[0]}, {cell[1]}\]"):
-        cl_summary(broken, BASELINE3)
+        cl_summary(broken, BASELINE3, BEFORE3)
 
 
 def test_baseline_of_wrong_length_is_refused() -> None:
     with pytest.raises(ValueError, match="baseline must have shape"):
-        forward_transfer(R3, np.array([0.1, 0.2]))
+        learning_gain(R3, np.array([0.1, 0.2]))
 
 
 def test_baseline_with_nan_is_refused() -> None:
     with pytest.raises(ValueError, match="baseline must be finite"):
-        forward_transfer(R3, np.array([0.1, NAN, 0.3]))
+        forward_transfer(BEFORE3, np.array([0.1, NAN, 0.3]))
 
 
 # Ten samples, four classes; class 3 never occurs as a true label, so it gets no strip rate.

@@ -43,10 +43,21 @@ def test_two_tasks_zero2_two_workers(zero2_run):
     # Each task is learned well above the untrained bank (chance is 50%).
     assert R[0, 0] >= 75 and R[1, 1] >= 75
     assert R[0, 0] > result.baseline[0] + 20
-    assert set(result.summary["oracle"]) == {"AA", "BwT", "FwT", "forgetting"}
+    assert set(result.summary["oracle"]) == {"AA", "BwT", "FwT", "forgetting", "learning_gain"}
     assert (result.run_dir / "report" / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
     ledger = json.loads((result.run_dir / "ledger.json").read_text())["stages"]
     assert ledger["task1/train"]["outputs"]["steps"] == 6  # 48 rows / 2 ranks / batch 8 × 2 epochs
+    assert result.steps_per_task == [6, 6]  # optimizer steps (grad_accum 1)
+    # FwT (GEM): task 1 on task 0's bank, set up and untrained, over the untrained bank; the old
+    # figure (the diagonal over the untrained bank) is the learning gain.
+    before = ledger["task1/before"]["outputs"]["rows"]["oracle"]["accuracy"]
+    assert set(ledger["task1/before"]["outputs"]["rows"]) == {"oracle"}  # moe_cl needs a task id
+    assert "task0/before" not in ledger
+    assert result.summary["oracle"]["FwT"] == pytest.approx(100 * before - result.baseline[1])
+    assert result.summary["oracle"]["learning_gain"] == pytest.approx(R[1, 1] - result.baseline[1])
+    summary = json.loads((result.run_dir / "report" / "summary.json").read_text())
+    assert summary["before_training"]["oracle"] == [None, pytest.approx(100 * before)]
+    assert summary["steps_per_task"] == [6, 6]
     # Task 0's evaluation ran while task 1's training started; it is settled (recorded) after it.
     evaluated = ledger["task0/evaluate"]
     assert evaluated["outputs"]["finished_at"] < ledger["task1/train"]["finished"] < evaluated["finished"]
@@ -62,8 +73,10 @@ def test_mlflow_has_one_parent_with_stage_children_and_keys(zero2_run):
     parent = parents[0]
     children = {r.data.tags["clpipe.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"model", "task0/prepare", "task1/prepare", "baseline/evaluate", "task0/train",
-                             "task0/bank", "task0/evaluate", "task1/train", "task1/bank", "task1/evaluate"}
-    assert {"acc/task0", "acc/task1", "cl/AA", "cl/BwT", "cl/FwT", "cl/forgetting", "strip/task0"} <= set(parent.data.metrics)
+                             "task0/bank", "task0/evaluate", "task1/before", "task1/train", "task1/bank",
+                             "task1/evaluate"}
+    assert {"acc/task0", "acc/task1", "cl/AA", "cl/BwT", "cl/FwT", "cl/learning_gain", "cl/forgetting",
+            "strip/task0"} <= set(parent.data.metrics)
     assert parent.data.params["training.lr"] == "0.01"
     history = client.get_metric_history(parent.info.run_id, "acc/task0")
     assert sorted(m.step for m in history) == [0, 1]
@@ -124,11 +137,12 @@ def test_driver_killed_mid_stage_resumes_to_the_same_matrix(tmp_path, zero2_run)
     summary = _killed_during_task1_training_then_rerun(tiny_run("seq"), tmp_path / "s")
     assert np.array_equal(np.array(summary["matrices"]["oracle"], dtype=float), zero2_run[2].matrices["oracle"],
                           equal_nan=True)
+    assert summary["summary"]["oracle"]["FwT"] == zero2_run[2].summary["oracle"]["FwT"]  # task1/before ran again
     client = MlflowClient(default_tracking_uri(tmp_path / "s"))
     runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
     assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 1
     stages = [r.data.tags.get("clpipe.stage") for r in runs if "clpipe.stage" in r.data.tags]
-    assert len(stages) == len(set(stages)) == 10
+    assert len(stages) == len(set(stages)) == 11  # model, 2 × prepare, baseline, task1/before, 2 × (train, bank, evaluate)
 
 
 def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tmp_path, zero2_run):

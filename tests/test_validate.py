@@ -83,8 +83,8 @@ CASES = [
      "method.params.adv_weight: Input should be greater than or equal to 0"),
     ("method param type", edit(method={"name": "cmoe", "params": {"probe_share": "lots"}}),
      "method.params.probe_share: Input should be a valid number"),
-    ("method params together", edit(method={"name": "replay", "params": {"buffer_size": 4, "ratio": 0.1}}),
-     "method.params: give buffer_size or ratio, not both"),
+    ("replay buffer share over 1", edit(method={"name": "replay", "params": {"buffer_share": 1.5}}),
+     "method.params.buffer_share: Input should be less than or equal to 1"),
     # unsafe names (they become folder names)
     ("task name traversal", edit(task={"name": "../../../evil"}), "tasks[0].name: '../../../evil': use letters"),
     ("hidden task name", edit(task={"name": ".alpha"}), "tasks[0].name: '.alpha': use letters"),

@@ -1,8 +1,9 @@
 """Elastic weight consolidation on the sequential LoRA (Kirkpatrick et al., 2017).
 
 After each task, a diagonal Fisher of the trainable bank parameters is estimated as the mean,
-over the task's batches, of the squared gradient of the objective loss (the empirical Fisher,
-one gradient per batch), and the parameters' values are kept as the anchor θ*. Fishers add up
+over the task's training examples, of the squared gradient of each example's objective loss (the
+per-sample empirical Fisher, `cl_core.anchoring`), and the parameters' values are kept as the
+anchor θ*. Fishers add up
 over tasks; the anchor is the latest. While training later tasks the loss gains
 
     lam · Σ_i F_i (θ_i − θ*_i)².
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, store_fisher
+from cl_core.anchoring import anchor_penalty, empirical_fisher, store_fisher
 from cl_core.experts import RoutingContext
 from cl_core.methods import MethodParams, register
 from cl_core.methods.seq_lora import SeqLoRA
@@ -51,4 +52,4 @@ class EWC(SeqLoRA):
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
         params = {k: p for k, p in expert_parameters(model).items() if p.requires_grad}
-        store_fisher(model, PREFIX, params, batches, loss_fn)
+        store_fisher(model, PREFIX, params, empirical_fisher(params, batches, loss_fn)[0])

@@ -6,8 +6,13 @@ softmax(8 · cos(query, key_k)); the query is `ExpertBank.query` over the prompt
 (for LM batches attention_mask ∧ labels = -100, so training and evaluation see the same
 tokens). While task t trains, the loss gains match_weight · mean over layers and samples of
 1 − cos(query, key_t), pulling task t's keys towards its inputs; earlier experts and keys are
-frozen. No task id is used for routing; `infer_task_ids` names the task whose keys match best
-(cosines averaged over layers), for the task-inference accuracy and the `inferred` eval mode.
+frozen. `infer_task_ids` names the task whose keys match best (cosines averaged over layers),
+for the task-inference accuracy and the `inferred` eval mode.
+
+Task ids. With a given task id (training, and the `oracle` eval mode), a sample mixes only the
+modules of tasks up to its own, as MoCL's task-aware setting does: later tasks' modules do not
+touch it. In the `inferred` mode the located task plays that part: modules of tasks after the
+best-matching one are left out.
 Keys are router parameters, so they are saved with the bank.
 
 A new task's keys (uniform(-1, 1) from the router) are scaled by `key_scale` (0.01). Routing
@@ -59,7 +64,7 @@ class MoCL(Method):
                 key.requires_grad_(owner == task)
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
-        return {"query": prompt_query(model, batch)}
+        return {"query": prompt_query(model, batch), "task_ids": batch["task_ids"]}
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if not self.params.match_weight:

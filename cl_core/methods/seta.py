@@ -1,5 +1,5 @@
 """SETA: shared + task-unique experts under one learned router, with elastic anchoring of the
-shared experts.
+shared experts and a router that keeps earlier tasks' tokens on their experts.
 
 Structure. Task 0 adds `shared_experts` shared experts ("shared<i>", kind "shared"); every task
 adds one unique expert ("task<t>.0", kind "task"). Every layer's `learned` router mixes all of its
@@ -9,15 +9,36 @@ at inference (`routable`); the router's row of an expert is its gate vector.
 What trains on task t: its unique expert and router row, the shared experts and their rows.
 Earlier unique experts and their rows are frozen.
 
-Anchoring. After task t, a diagonal Fisher of the shared parameters (the shared experts' LoRA
-factors and their router rows) is estimated as the mean over the task's batches of the squared
-gradient of the objective loss (one gradient per batch), and θ* is their current value. Fishers
-add up over tasks, θ* is the latest. On later tasks the loss gains
+Anchoring. After task t, the per-sample empirical Fisher F_t of the shared parameters (the shared
+experts' LoRA factors and their router rows; `cl_core.anchoring`) is taken and θ* set to their
+current value. F_t is scaled so that the penalty is the size of the task loss: by L_t / D_t, L_t
+being task t's mean training loss at its end and D_t = Σ F_t (θ* − θ_start)² the Fisher-weighted
+distance the shared parameters moved while task t trained (θ_start: their value when task t was
+set up). Scaled Fishers add up over tasks, θ* is the latest, and on later tasks the loss gains
 
-    anchor_lambda · Σ_i F_i (θ_i − θ*_i)².
+    anchor_lambda · Σ_i F_i (θ_i − θ*_i)²,
 
-F and θ* live in `model.method_state` as "seta.fisher.<key>" / "seta.anchor.<key>", <key> being
-the parameter's key in the bank file (e.g. "layers.0.experts.0.A_gate", "layers.0.router.rows.0"),
+which, at anchor_lambda 1, equals task t's loss when the shared parameters move as far again.
+
+Router protection. Nothing else stops a later task's router row from taking over an earlier
+task's tokens (measured on the tiny model: the newest row took the largest gate mass on the old
+task's tokens). So after task t, `router_memory` of its prompt tokens' router inputs per layer
+are kept ("seta.tokens.<t>.<layer>") with the gates the router gave them ("seta.gates.<t>.<layer>",
+over the experts of that time), and while a later task trains the loss gains
+
+    router_weight · mean over stored tasks s and layers of KL(stored gates ‖ current gates),
+
+which charges both the later rows' mass on s's tokens and any move of the shared rows there.
+
+The stored inputs are those of the time task s ended; later training of the shared experts in
+lower layers moves the real inputs a little from them.
+
+Not implemented: SETA's "split on share" (a shared expert that a task uses heavily is split into
+a new shared expert and the task's own). The bank here grows by one unique expert per task.
+
+F, θ*, θ_start and the stored tokens and gates live in `model.method_state` as "seta.fisher.<key>",
+"seta.anchor.<key>", "seta.start.<key>" and "seta.tokens.<task>.<layer>", <key> being the
+parameter's key in the bank file (e.g. "layers.0.experts.0.A_gate", "layers.0.router.rows.0"),
 so they travel with the bank from stage to stage.
 
 `infer_task_ids` returns -1 ("unknown") for every sample: the learned router reads no task id.
@@ -28,13 +49,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, store_fisher
+from cl_core.anchoring import anchor_penalty, empirical_fisher, store_fisher
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.methods.common import add_task_experts
+from cl_core.methods.common import add_task_experts, prompt_mask
 from cl_core.continual_model import ContinualModel
 
 PREFIX = "seta."
+START, TOKENS, GATES = PREFIX + "start.", PREFIX + "tokens.", PREFIX + "gates."
 
 
 def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
@@ -48,9 +70,34 @@ def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+@torch.no_grad()
+def router_inputs(model: ContinualModel, batches, loss_fn, per_layer: int, seed: int) -> list[torch.Tensor]:
+    """`per_layer` prompt tokens' router inputs of every layer ([n, d] float32), drawn with `seed`."""
+    captured: list[list[torch.Tensor]] = [[] for _ in model.bank.layers]
+    masks: list[torch.Tensor] = []
+    hooks = [layer.router.register_forward_hook(lambda mod, args, out, i=i: captured[i].append(args[0].float()))
+             for i, layer in enumerate(model.bank.layers)]
+    try:
+        for batch in batches():
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            loss_fn(batch)
+            masks.append(prompt_mask(batch).bool())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = []
+    for xs in captured:
+        tokens = torch.cat([x[m] for x, m in zip(xs, masks)])
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:per_layer]
+        out.append(tokens[order.to(tokens.device)])
+    return out
+
+
 class SETAParams(MethodParams):
     shared_experts: int = Field(1, ge=1)  # the anchored experts
-    anchor_lambda: float = Field(100.0, ge=0)
+    anchor_lambda: float = Field(1.0, ge=0)  # 1: the penalty is the size of the task loss (see above)
+    router_weight: float = Field(10.0, ge=0)
+    router_memory: int = Field(64, ge=1)  # stored prompt tokens per task and layer
 
 
 @register(SETAParams)
@@ -70,6 +117,8 @@ class SETA(Method):
                 trainable = meta.kind == "shared" or meta.task == task
                 layer.experts[e].requires_grad_(trainable)
                 layer.router.rows[e].requires_grad_(trainable)
+        for key, p in shared_parameters(model).items():
+            model.method_state[START + key] = p.detach().float().clone()
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {}  # the learned router routes on the tokens alone
@@ -77,14 +126,39 @@ class SETA(Method):
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
         return anchor_penalty(model, PREFIX, shared_parameters(model))
 
+    def routing_drift(self, model: ContinualModel) -> torch.Tensor | None:
+        """Mean KL(stored gates ‖ current gates) over earlier tasks' stored tokens and the layers."""
+        terms = []
+        for i, layer in enumerate(model.bank.layers):
+            for key, tokens in model.method_state.items():
+                if key.startswith(TOKENS) and key.endswith(f".{i}"):
+                    stored = model.method_state[GATES + key[len(TOKENS):]]
+                    current = torch.log_softmax(layer.router.logits(tokens.float()), dim=-1)[:, : stored.shape[1]]
+                    terms.append((stored * (stored.clamp(min=1e-12).log() - current)).sum(-1).mean())
+        return torch.stack(terms).mean() if terms else None
+
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
-        if not self.params.anchor_lambda:
-            return {}
-        penalty = self.penalty(model)
-        return {} if penalty is None else {"anchor": self.params.anchor_lambda * penalty}
+        losses = {}
+        penalty = self.penalty(model) if self.params.anchor_lambda else None
+        if penalty is not None:
+            losses["anchor"] = self.params.anchor_lambda * penalty
+        drift = self.routing_drift(model) if self.params.router_weight else None
+        if drift is not None:
+            losses["router"] = self.params.router_weight * drift
+        return losses
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
-        store_fisher(model, PREFIX, shared_parameters(model), batches, loss_fn)
+        params = shared_parameters(model)
+        fisher, task_loss = empirical_fisher(params, batches, loss_fn)
+        moved = sum(float((fisher[k] * (p.detach().float() - model.method_state[START + k]).pow(2)).sum())
+                    for k, p in params.items())
+        scale = task_loss / moved if moved > 0 else 1.0
+        store_fisher(model, PREFIX, params, {k: f * scale for k, f in fisher.items()})
+        for i, tokens in enumerate(router_inputs(model, batches, loss_fn, self.params.router_memory, seed=task)):
+            model.method_state[f"{TOKENS}{task}.{i}"] = tokens
+            with torch.no_grad():
+                model.method_state[f"{GATES}{task}.{i}"] = torch.softmax(
+                    model.bank.layers[i].router.logits(tokens), dim=-1)
 
     def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
         return torch.full_like(batch["task_ids"], -1)
