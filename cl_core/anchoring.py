@@ -61,7 +61,7 @@ def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.
         old = model.method_state.get(f"{prefix}fisher.{name}")
         f = fisher[name]
         model.method_state[f"{prefix}fisher.{name}"] = f if old is None else old.to(f.device) + f
-        model.method_state[f"{prefix}anchor.{name}"] = p.detach().float().clone()
+    store_anchor(model, prefix, params)
 
 
 def store_anchor(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter]) -> None:

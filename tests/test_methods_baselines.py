@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cl_core.methods import METHODS, Method, build_method
-from cl_core.methods.ewc import PREFIX, expert_parameters
+from cl_core.methods.ewc import PREFIX
 
 FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
 from cl_core.methods.olora import olora_terms
@@ -158,7 +158,7 @@ def check_ewc(s0, s1, tmp_path, two_tasks):
     anchors = {k: state[ANCHOR + k] for k in fishers}
 
     def distance(model, weighted):
-        params = expert_parameters(model)
+        params = model.bank.expert_parameters()
         return sum(float(((fishers[k] if weighted else 1) * (params[k].detach() - a).pow(2)).sum())
                    for k, a in anchors.items())
 

@@ -27,12 +27,6 @@ from cl_core.continual_model import ContinualModel
 PREFIX = "ewc."
 
 
-def expert_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
-    """Expert parameters by their bank-file key."""
-    return {f"layers.{i}.experts.{n}": p for i, layer in enumerate(model.bank.layers)
-            for n, p in layer.experts.named_parameters()}
-
-
 class EWCParams(MethodParams):
     lam: float = Field(100.0, ge=0)
 
@@ -42,7 +36,7 @@ class EWC(SeqLoRA):
     name = "ewc"
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
-        return anchor_penalty(model, PREFIX, expert_parameters(model))
+        return anchor_penalty(model, PREFIX, model.bank.expert_parameters())
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         if self.params.lam == 0:
@@ -51,5 +45,5 @@ class EWC(SeqLoRA):
         return {} if penalty is None else {"ewc": self.params.lam * penalty}
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
-        params = {k: p for k, p in expert_parameters(model).items() if p.requires_grad}
+        params = {k: p for k, p in model.bank.expert_parameters().items() if p.requires_grad}
         store_fisher(model, PREFIX, params, empirical_fisher(params, batches, loss_fn)[0])

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, store_anchor, store_fisher
+from cl_core.anchoring import anchor_penalty, empirical_fisher, store_anchor, store_fisher
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts
@@ -178,7 +178,7 @@ class MoECL(Method):
         if self.params.shared_anchor == "l2":
             store_anchor(model, PREFIX, shared)
         elif self.params.shared_anchor == "fisher":
-            store_fisher(model, PREFIX, shared, batches, loss_fn)
+            store_fisher(model, PREFIX, shared, empirical_fisher(shared, batches, loss_fn)[0])
         if self.params.feature_memory:
             remember_shared_features(model, task, batches, self.params.feature_memory)
 
