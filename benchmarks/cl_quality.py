@@ -176,7 +176,7 @@ class Results:
     def __init__(self, out: Path, budget: Budget, draws: int | None = None):
         self.out, self.budget, self.draws = out, budget, draws
         self.path, self.examples_path = out / "cl_quality.json", out / "cl_quality_examples.json"
-        self.rows, self.examples = [], {}
+        self.rows, self.examples, self.stats_cache = [], {}, {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             if saved["budget"] != asdict(budget):
@@ -207,7 +207,7 @@ class Results:
         from benchmarks.cl_report import write_report
 
         kwargs = {} if self.draws is None else {"draws": self.draws}
-        summary = aggregate(self.rows, self.examples, **kwargs)
+        summary = aggregate(self.rows, self.examples, cache=self.stats_cache, **kwargs)
         payload = {"budget": asdict(self.budget), "rows": self.rows, "aggregate": summary}
         atomic_write_text(self.path, json.dumps(payload, indent=1))
         write_report(self.out, self.budget, self.rows, summary)

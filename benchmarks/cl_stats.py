@@ -12,6 +12,7 @@ the same example indices in both runs, seed by seed. Figures are in points.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -43,10 +44,22 @@ def point(correct: Correct, measure: Callable) -> float:
     return 100 * measure(R)
 
 
-def example_draws(correct: Correct, measure: Callable, boot_seed: int, draws: int = DRAWS) -> np.ndarray:
-    """[draws] values of the measure (points) over resampled test examples; runs with equal
-    ``boot_seed`` and equal task sizes get the same example indices (paired)."""
-    return 100 * np.array([measure(R) for R in bootstrap_matrices(correct, draws, boot_seed)])
+@dataclass
+class RunStats:
+    """One run in one task-id mode: each measure's own value and its example draws (points), and
+    the test examples per task. Draws use the run's seed, so runs sharing a seed and its test
+    examples share the example indices (paired)."""
+
+    points: dict[str, float]
+    draws: dict[str, np.ndarray]
+    sizes: list[int]
+
+
+def run_stats(correct: Correct, boot_seed: int, draws: int = DRAWS) -> RunStats:
+    matrices = bootstrap_matrices(correct, draws, boot_seed)
+    return RunStats(points={name: point(correct, m) for name, m in MEASURES.items()},
+                    draws={name: 100 * np.array([m(R) for R in matrices]) for name, m in MEASURES.items()},
+                    sizes=[len(cell) for cell in correct[-1]])
 
 
 def seed_interval(per_seed: np.ndarray, rng_seed: int = 0) -> tuple[float, float]:
@@ -62,12 +75,12 @@ def seed_interval(per_seed: np.ndarray, rng_seed: int = 0) -> tuple[float, float
     return float(low), float(high)
 
 
-def summarize(runs: dict[int, Correct], measure: Callable, draws: int = DRAWS) -> dict:
-    """Mean over seeds and its 95% interval for one method on one sequence (``runs``: seed → correctness)."""
+def summarize(runs: dict[int, RunStats], name: str) -> dict:
+    """Mean over seeds and its 95% interval of one measure for one method on one sequence
+    (``runs``: seed → its stats)."""
     seeds = sorted(runs)
-    per_seed = np.stack([example_draws(runs[s], measure, s, draws) for s in seeds])
-    low, high = seed_interval(per_seed)
-    return {"mean": float(np.mean([point(runs[s], measure) for s in seeds])), "ci95": [low, high], "seeds": seeds}
+    low, high = seed_interval(np.stack([runs[s].draws[name] for s in seeds]))
+    return {"mean": float(np.mean([runs[s].points[name] for s in seeds])), "ci95": [low, high], "seeds": seeds}
 
 
 def verdict(low: float, high: float) -> str:
@@ -75,23 +88,18 @@ def verdict(low: float, high: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
 
 
-def compare(runs_a: dict[int, Correct], runs_b: dict[int, Correct], measure: Callable,
-            draws: int = DRAWS) -> dict | None:
-    """Paired difference a − b over the seeds both have (None if none): the mean over those seeds,
-    its 95% interval, and the verdict."""
+def compare(runs_a: dict[int, RunStats], runs_b: dict[int, RunStats], name: str) -> dict | None:
+    """Paired difference a − b of one measure over the seeds both have (None if none): the mean
+    over those seeds, its 95% interval, and the verdict."""
     seeds = sorted(set(runs_a) & set(runs_b))
     if not seeds:
         return None
     for s in seeds:
-        sizes_a = [len(cell) for cell in runs_a[s][-1]]
-        sizes_b = [len(cell) for cell in runs_b[s][-1]]
-        if sizes_a != sizes_b:
-            raise ValueError(f"seed {s}: test examples per task differ ({sizes_a} vs {sizes_b}); a paired "
-                             "comparison needs both runs evaluated on the same examples")
-    per_seed = np.stack([example_draws(runs_a[s], measure, s, draws) - example_draws(runs_b[s], measure, s, draws)
-                         for s in seeds])
-    low, high = seed_interval(per_seed)
-    difference = float(np.mean([point(runs_a[s], measure) - point(runs_b[s], measure) for s in seeds]))
+        if runs_a[s].sizes != runs_b[s].sizes:
+            raise ValueError(f"seed {s}: test examples per task differ ({runs_a[s].sizes} vs {runs_b[s].sizes}); "
+                             "a paired comparison needs both runs evaluated on the same examples")
+    low, high = seed_interval(np.stack([runs_a[s].draws[name] - runs_b[s].draws[name] for s in seeds]))
+    difference = float(np.mean([runs_a[s].points[name] - runs_b[s].points[name] for s in seeds]))
     return {"difference": difference, "ci95": [low, high], "verdict": verdict(low, high), "seeds": seeds}
 
 
@@ -101,24 +109,28 @@ def run_key(row: dict) -> str:
 
 
 def aggregate(rows: list[dict], examples: dict[str, dict], reference: str = "moe_cl",
-              extra_pairs: tuple[tuple[str, str], ...] = (("ewc", "seq_lora"),), draws: int = DRAWS) -> dict:
+              extra_pairs: tuple[tuple[str, str], ...] = (("ewc", "seq_lora"),), draws: int = DRAWS,
+              cache: dict | None = None) -> dict:
     """Per method and sequence: means and 95% intervals of AA, BwT and forgetting (task id given)
     and of AA and BwT without a task id where the method routes itself; then the paired
     comparisons ``reference`` − every other method, and ``extra_pairs``, on AA and BwT (task id
-    given). ``examples[run_key]`` holds each run's encoded correctness per task-id mode."""
-    runs: dict[tuple[str, str], dict[str, dict[int, Correct]]] = {}
+    given). ``examples[run_key]`` holds each run's encoded correctness per task-id mode; ``cache``
+    keeps each run's stats between calls (a run's draws never change)."""
+    cache = {} if cache is None else cache
+    runs: dict[tuple[str, str], dict[str, dict[int, RunStats]]] = {}
     for row in rows:
-        modes = examples[run_key(row)]
         group = runs.setdefault((row["sequence"], row["method"]), {})
-        for mode, cells in modes.items():
-            group.setdefault(mode, {})[row["seed"]] = decode(cells)
+        for mode, cells in examples[run_key(row)].items():
+            key = (run_key(row), mode, draws)
+            if key not in cache:
+                cache[key] = run_stats(decode(cells), row["seed"], draws)
+            group.setdefault(mode, {})[row["seed"]] = cache[key]
     methods = []
     for (sequence, method), modes in sorted(runs.items()):
         entry = {"sequence": sequence, "method": method, "seeds": sorted(modes["oracle"])}
-        entry.update({name: summarize(modes["oracle"], measure, draws) for name, measure in MEASURES.items()})
+        entry.update({name: summarize(modes["oracle"], name) for name in MEASURES})
         for name in ("AA", "BwT"):
-            entry[f"task_agnostic_{name}"] = (summarize(modes["inferred"], MEASURES[name], draws)
-                                              if "inferred" in modes else None)
+            entry[f"task_agnostic_{name}"] = summarize(modes["inferred"], name) if "inferred" in modes else None
         methods.append(entry)
     pairs = []
     for sequence in sorted({s for s, _ in runs}):
@@ -127,7 +139,7 @@ def aggregate(rows: list[dict], examples: dict[str, dict], reference: str = "moe
         wanted += [(a, b) for a, b in extra_pairs if a in present and b in present]
         for a, b in wanted:
             for name in ("AA", "BwT"):
-                result = compare(runs[sequence, a]["oracle"], runs[sequence, b]["oracle"], MEASURES[name], draws)
+                result = compare(runs[sequence, a]["oracle"], runs[sequence, b]["oracle"], name)
                 if result is not None:
                     pairs.append({"sequence": sequence, "a": a, "b": b, "measure": name, **result})
     return {"methods": methods, "pairs": pairs}
