@@ -179,6 +179,9 @@ class Results:
         self.rows, self.examples, self.stats_cache = [], {}, {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
+            if not isinstance(saved, dict) or "budget" not in saved:
+                raise SystemExit(f"{self.path} is not a results file of this benchmark (no budget): move it away, "
+                                 f"or give another --out")
             if saved["budget"] != asdict(budget):
                 raise SystemExit(f"{self.path} was made with budget {saved['budget']}, not {asdict(budget)}: "
                                  f"give the same budget to continue it, or another --out")

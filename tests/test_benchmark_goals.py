@@ -139,6 +139,10 @@ def test_a_results_file_of_another_budget_is_refused_and_kept(tmp_path):
     with pytest.raises(SystemExit, match="another --sequence name"):
         run_benchmark({"s1": ["b", "a"]}, ["moe_cl"], [0], Results(tmp_path, Budget(model="tiny")), fake_run(AA, []))
     assert (tmp_path / "cl_quality.json").read_text() == before
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "cl_quality.json").write_text("[]")  # the single-seed predecessor wrote a list
+    with pytest.raises(SystemExit, match="not a results file"):
+        Results(tmp_path / "old", Budget(model="tiny"))
 
 
 def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypatch):
