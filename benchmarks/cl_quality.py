@@ -329,6 +329,21 @@ def checked_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[s
     return sequences, labels, seeds
 
 
+def check_configs(sequences: dict[str, list[str]], labels: list[str], seed: int, data: Path, budget: Budget) -> None:
+    """Every run's config validates (fields, method params) before the first run starts; the model's
+    bounds (rank ≤ hidden size) are checked as each run starts, before its compute."""
+    from pydantic import ValidationError
+
+    from pipelines.config import RunConfig
+
+    for sequence, tasks in sequences.items():
+        for label in labels:
+            try:
+                RunConfig.model_validate(run_config(label, sequence, tasks, seed, data, budget))
+            except ValidationError as e:
+                raise SystemExit(f"{label} on {sequence}: the run config is invalid:\n{e}") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     sequences, labels, seeds = checked_plan(args)
@@ -341,6 +356,7 @@ def main(argv=None) -> None:
     if args.estimate or args.report:
         return
     data, storage = args.data.resolve(), args.storage.resolve()
+    check_configs(sequences, labels, seeds[0], data, budget)
     run_benchmark(sequences, labels, seeds, results,
                   lambda label, sequence, tasks, seed: run_one(label, sequence, tasks, seed, data, budget, storage))
     print(estimate(sequences, labels, seeds, results), file=sys.stderr)

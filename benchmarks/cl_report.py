@@ -5,6 +5,7 @@ and verdicts) and `cl_quality_aa_bwt.png` (AA against BwT per method, interval b
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def write_report(out: Path, budget, rows: list[dict], summary: dict) -> None:
         f"({budget.train_examples} training examples, batch {b['batch_size']}, 1 epoch), LoRA rank {b['rank']}, "
         f"lr {b['lr']:g}, max length {b['max_length']}, up to {b['test_examples']} test examples per task (the "
         f"whole split where smaller). Seeds run: {', '.join(map(str, seeds)) or 'none yet'}. {len(rows)} runs, "
-        f"{wall / 3600:.1f} h of stage time in all (last written on a machine with {os.cpu_count()} CPUs).", "",
+        f"{wall / 3600:.2f} h of stage time in all (last written on {platform.machine()} with {os.cpu_count()} CPUs).",
+        "",
         "Figures in points: mean over seeds [95% interval: bootstrap over test examples, and over seeds "
         "where there are several]. Pairwise rows are paired (same seeds, same test examples); the verdict is "
         "\"better\" or \"worse\" when the interval excludes 0.", "",
