@@ -147,10 +147,10 @@ def aa_bwt_figure(summary: dict, path: Path) -> None:
     for k, seq in enumerate(sequences):
         ax = fig.add_subplot(1, max(1, len(sequences)), k + 1)
         for e in (e for e in summary["methods"] if e["sequence"] == seq):
-            x, y = e["BwT"], e["AA"]
+            x, y, seeds = e["BwT"], e["AA"], len(e["seeds"])
             ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["ci95"][0]], [x["ci95"][1] - x["mean"]]],
                         yerr=[[y["mean"] - y["ci95"][0]], [y["ci95"][1] - y["mean"]]], fmt="o",
-                        color=colours[e["method"]], capsize=3, label=f"{e['method']} ({len(e['seeds'])} seeds)")
+                        color=colours[e["method"]], capsize=3, label=f"{e['method']} ({seeds} seed{'s' * (seeds > 1)})")
             ax.annotate(e["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set(title=seq, xlabel="BwT (points; right: keeps old tasks)", ylabel="AA (points)")

@@ -204,3 +204,30 @@ def test_goals_follow_the_figures_and_say_what_is_not_measured(tmp_path):
     assert lines[3].endswith("no distinguishable effect")
     assert lines[7].endswith("not measured yet") and "not measured yet (no rows: seq_lora" in lines[8]  # multiemo
     assert lines[-2] == "every row reports FwT (GEM), learning gain and optimizer steps per task: 0 of 4 rows, not met"
+
+
+# -- the real pipeline -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_benchmark_runs_a_tiny_sequence_through_the_pipeline_and_does_not_run_it_twice(tmp_path, ray_local, capsys):
+    from cl_core.synthetic import synthetic_rows
+
+    for t, (name, labels) in enumerate({"syn_a": ["w1", "w2"], "syn_b": ["w3", "w4", "w5"]}.items()):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for split, n, seed in (("train", 40, 0), ("test", 30, 1)):
+            lines = "".join(json.dumps(r) + "\n" for r in synthetic_rows(t, labels, n, seed))
+            (tmp_path / "data" / name / f"{split}.jsonl").write_text(lines)
+    argv = ["--model", "tiny", "--order", "syn_a,syn_b", "--sequence", "smoke", "--data", str(tmp_path / "data"),
+            "--methods", "seq_lora", "--seeds", "0", "--steps-per-task", "2", "--test-examples", "20",
+            "--max-length", "32", "--lr", "0.01", "--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    cl_quality.main(argv)
+    saved = json.loads((tmp_path / "out" / "cl_quality.json").read_text())
+    (row,) = saved["rows"]
+    assert set(row) == ROW_KEYS and row["n_test"] == [20, 20] and row["order"] == ["syn_a", "syn_b"]
+    cells = json.loads((tmp_path / "out" / "cl_quality_examples.json").read_text())[run_key(row)]["oracle"]
+    final = [np.mean([int(c) for c in cell]) for cell in cells[-1]]
+    assert row["AA"] == pytest.approx(100 * np.mean(final))  # the pipeline's AA from the recorded examples
+    (entry,) = saved["aggregate"]["methods"]
+    assert entry["AA"]["mean"] == pytest.approx(row["AA"]) and entry["AA"]["ci95"][0] <= row["AA"] <= entry["AA"]["ci95"][1]
+    capsys.readouterr()
+    cl_quality.main(argv)
+    assert "seq_lora smoke seed 0: finished earlier" in capsys.readouterr().out
