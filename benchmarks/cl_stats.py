@@ -64,13 +64,15 @@ def run_stats(correct: Correct, boot_seed: int, draws: int = DRAWS) -> RunStats:
 
 def seed_interval(per_seed: np.ndarray, rng_seed: int = 0) -> tuple[float, float]:
     """95% interval of the mean over seeds from ``per_seed`` [seeds, draws] example draws: each
-    draw resamples the seeds (when there are several) and averages their draws."""
+    draw resamples the seeds (when there are several) and averages one example draw of each
+    seed picked, taken at random (a seed picked twice gets two independent example draws)."""
     seeds, draws = per_seed.shape
     if seeds == 1:
         values = per_seed[0]
     else:
-        picked = np.random.default_rng(rng_seed).integers(0, seeds, size=(draws, seeds))
-        values = per_seed[picked, np.arange(draws)[:, None]].mean(1)
+        rng = np.random.default_rng(rng_seed)
+        picked = rng.integers(0, seeds, size=(draws, seeds))
+        values = per_seed[picked, rng.integers(0, draws, size=(draws, seeds))].mean(1)
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 
