@@ -1,6 +1,6 @@
 """One continual-learning sequence in float32 and in bf16-mixed: do AA and BwT agree?
 
-    python -m benchmarks.precision_quality [--method moe_cl] [--order order1] [--train-examples 128]
+    python -m benchmarks.precision_quality [--method moe_cl] [--sequence order1] [--steps-per-task 16]
         [--test-examples 200] [--json]
 
 Runs the sequence through the real pipeline with cl_quality's run config (SmolLM2-135M-Instruct,
@@ -16,24 +16,18 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.cl_quality import DEFAULT_DATA, ORDERS, REPO, run_config
+from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, correctness, run_config
 from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
 
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
-def correctness(run_dir: Path, tasks: int) -> list[list[list[int]]]:
-    """correct[i][j]: 0/1 per test example of task j after training task i, from the ledger."""
-    stages = json.loads((run_dir / "ledger.json").read_text())["stages"]
-    return [stages[f"task{i}/evaluate"]["outputs"]["rows"]["oracle"]["correct"] for i in range(tasks)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="moe_cl")
-    parser.add_argument("--order", default="order1", choices=sorted(ORDERS))
+    parser.add_argument("--sequence", default="order1", choices=sorted(SEQUENCES))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--train-examples", type=int, default=128, help="16 optimizer steps per task at batch 8")
+    parser.add_argument("--steps-per-task", type=int, default=16, help="at batch 8")
     parser.add_argument("--test-examples", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=96)
@@ -47,8 +41,9 @@ def main() -> None:
 
     runs, correct = {}, {}
     for precision in PRECISIONS:
-        raw = run_config(args.method, args.order, args.data, args.train_examples, args.test_examples, 1, args.lr,
-                         args.max_length)
+        budget = Budget(steps_per_task=args.steps_per_task, lr=args.lr, max_length=args.max_length,
+                        test_examples=args.test_examples)
+        raw = run_config(args.method, args.sequence, SEQUENCES[args.sequence], 0, args.data, budget)
         raw["name"] += f"-{precision}"
         raw["training"]["precision"] = precision
         cfg = parse_config(raw, f"precision_quality/{precision}")
@@ -62,7 +57,7 @@ def main() -> None:
         d, low, high = paired_difference(correct["bf16-mixed"], correct["fp32"], measure)
         differences[name] = {"difference": round(100 * d, 2), "ci95": [round(100 * low, 2), round(100 * high, 2)]}
     agree = all(v["ci95"][0] <= 0 <= v["ci95"][1] for v in differences.values())
-    out = {"method": args.method, "order": args.order, "train_examples": args.train_examples,
+    out = {"method": args.method, "sequence": args.sequence, "steps_per_task": args.steps_per_task,
            "test_examples": args.test_examples, "runs": runs, "bf16_minus_fp32": differences,
            "agree_within_interval": agree}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,233 @@
-"""The cl_quality benchmark states its goals from the rows: hand-made rows, known verdicts."""
+"""The cl_quality benchmark's statistics, rows, resume and goals, on hand-made correctness."""
 
-from benchmarks.cl_quality import goals, run_config
+import json
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
 
-def _row(method, AA, BwT, agnostic=None):
-    return {"method": method, "order": "order1", "AA": AA, "BwT": BwT, "task_agnostic_AA": agnostic}
+from benchmarks import cl_quality
+from benchmarks.cl_quality import Budget, Results, planned_runs, run_benchmark, run_config
+from benchmarks.cl_report import goals
+from benchmarks.cl_stats import aggregate, compare, decode, encode, run_key, run_stats, summarize
 
-
-def test_goal_verdicts_follow_the_figures():
-    rows = [_row("seq_lora", 60.0, -8.0), _row("replay", 70.0, -3.0), _row("moe_cl", 72.0, -1.5),
-            _row("moe_cl_no_gan", 73.0, -2.5), _row("per_task_lora", 80.0, 0.0), _row("seta", 65.0, -4.0, 71.0),
-            _row("cmoe", 66.0, -1.0, 73.0)]
-    lines = goals(rows)
-    assert lines[0].endswith("BwT -8.0, met")
-    assert "AA 72.0 vs 70.0 (replay), BwT -1.5, met" in lines[1]
-    assert "AA by -1.0 and BwT by +1.0: it does not help" in lines[2]
-    assert "73.0 (cmoe) vs 80.0 = 91%, met" in lines[3]
-    rows[2] = _row("moe_cl", 72.0, -2.5)  # BwT below −2 fails the MoE-CL goal even with the best AA
-    assert goals(rows)[1].endswith("not met")
+ROW_KEYS = {"method", "sequence", "order", "seed", "AA", "BwT", "FwT", "forgetting", "learning_gain", "strip_rate",
+            "task_agnostic_AA", "task_agnostic_BwT", "steps_per_task", "n_test", "trainable_params", "wall_s", "oracle"}
+DRAWS = 400
 
 
-def test_the_no_gan_ablation_is_moe_cl_with_adv_weight_zero(tmp_path):
-    cfg = run_config("moe_cl_no_gan", "order2", tmp_path, 32, 24, 1, 1e-3, 96)
+def run_correctness(rates: list[list[float]], n: int, seed: int) -> list[list[np.ndarray]]:
+    """correct[i][j] with about rates[i][j] of n examples right, drawn reproducibly."""
+    rng = np.random.default_rng(seed)
+    return [[(rng.random(n) < rates[i][j]).astype(int) for j in range(i + 1)] for i in range(len(rates))]
+
+
+def test_the_interval_holds_a_known_difference_and_excludes_zero():
+    a = run_correctness([[0.8], [0.75, 0.8]], 300, seed=1)
+    # b answers the same examples, with 30 of the 300 examples of each final cell turned wrong: AA 10 points lower.
+    b = [[cell.copy() for cell in stage] for stage in a]
+    for j in range(2):
+        right = np.flatnonzero(b[1][j] == 1)[:30]
+        b[1][j][right] = 0
+    result = compare({0: run_stats(a, 0, DRAWS)}, {0: run_stats(b, 0, DRAWS)}, "AA")
+    assert result["difference"] == pytest.approx(10.0)
+    low, high = result["ci95"]
+    assert low <= 10.0 <= high and low > 0
+    assert result["verdict"] == "better"
+
+
+def test_the_verdict_flips_when_a_difference_is_planted():
+    base = run_correctness([[0.7], [0.7, 0.7]], 200, seed=2)
+    noise = np.random.default_rng(3)
+    flipped = [[np.where(noise.random(len(c)) < 0.05, 1 - c, c) for c in stage] for stage in base]  # 5%, both ways
+    other = flipped
+    base, other = run_stats(base, 0, DRAWS), run_stats(other, 0, DRAWS)
+    same = compare({0: base}, {0: other}, "AA")
+    assert same["verdict"] == "not distinguishable" and same["ci95"][0] < 0 < same["ci95"][1]
+    worse = [[c.copy() for c in stage] for stage in flipped]
+    worse[1][0][np.flatnonzero(worse[1][0] == 1)[:50]] = 0  # task 0 forgotten on 50 of 200 examples
+    worse = run_stats(worse, 0, DRAWS)
+    assert compare({0: base}, {0: worse}, "BwT")["verdict"] == "better"
+    assert compare({0: worse}, {0: base}, "BwT")["verdict"] == "worse"
+
+
+def test_seeds_that_disagree_widen_the_interval():
+    runs = {s: run_correctness([[rate]], 400, seed=s) for s, rate in enumerate((0.5, 0.7, 0.9))}
+    stats = {s: run_stats(c, s, DRAWS) for s, c in runs.items()}
+    pooled, alone = summarize(stats, "AA"), summarize({1: stats[1]}, "AA")
+    assert pooled["mean"] == pytest.approx(np.mean([np.mean(runs[s][0][0]) * 100 for s in runs]))
+    assert pooled["ci95"][1] - pooled["ci95"][0] > 2 * (alone["ci95"][1] - alone["ci95"][0])
+    assert pooled["seeds"] == [0, 1, 2]
+
+
+def test_a_paired_comparison_refuses_runs_on_different_test_examples():
+    with pytest.raises(ValueError, match="same examples"):
+        compare({0: run_stats(run_correctness([[0.5]], 10, 0), 0, DRAWS)},
+                {0: run_stats(run_correctness([[0.5]], 12, 0), 0, DRAWS)}, "AA")
+
+
+def test_correctness_round_trips_through_its_json_encoding():
+    correct = run_correctness([[0.5], [0.6, 0.4]], 7, seed=4)
+    assert [[c.tolist() for c in stage] for stage in decode(encode(correct))] == \
+        [[c.tolist() for c in stage] for stage in correct]
+
+
+# -- rows, resume --------------------------------------------------------------------------------------
+def fake_run(aa_by_method: dict[str, float], calls: list):
+    """A run function that records its calls and answers a row from hand-made correctness."""
+    def run(label, sequence, tasks, seed):
+        calls.append((label, sequence, seed))
+        rate = aa_by_method[label] + 0.02 * seed
+        uniform = np.random.default_rng(seed).random((len(tasks), 50))  # shared by methods at a seed: paired
+        final = [(u < rate).astype(int) for u in uniform]
+        correct = [final[:i + 1] for i in range(len(tasks))]  # nothing forgotten: BwT 0
+        row = {key: None for key in ROW_KEYS}
+        row.update(method=label, sequence=sequence, order=list(tasks), seed=seed, AA=100 * rate, BwT=0.0,
+                   FwT=0.0, forgetting=0.0, strip_rate=50.0, n_test=[50] * len(tasks), trainable_params=10,
+                   wall_s=60.0, oracle=label == "per_task_lora")
+        return row, {"oracle": encode(correct)}
+    return run
+
+
+SEQUENCES = {"s1": ["a", "b"]}
+AA = {"moe_cl": 0.8, "seq_lora": 0.6, "replay": 0.75, "ewc": 0.62, "olora": 0.7, "per_task_lora": 0.9}
+
+
+def test_a_half_finished_benchmark_runs_only_what_is_missing(tmp_path):
+    labels, seeds, budget = list(AA), [0, 1], Budget(model="tiny")
+    first = []
+
+    def stopping(label, sequence, tasks, seed):  # the benchmark is killed during its fifth run
+        if len(first) == 4:
+            raise KeyboardInterrupt
+        return fake_run(AA, first)(label, sequence, tasks, seed)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(SEQUENCES, labels, seeds, Results(tmp_path, budget, draws=DRAWS), stopping)
+    saved = json.loads((tmp_path / "cl_quality.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == labels[:4]
+
+    again = []
+    results = Results(tmp_path, budget, draws=DRAWS)
+    run_benchmark(SEQUENCES, labels, seeds, results, fake_run(AA, again))
+    assert not set(again) & set(first)  # nothing finished runs twice
+    # Every method at seed 0; then seed 1 for the multi-seed labels and the strongest other non-oracle
+    # baseline at seed 0 (olora: 70 beats ewc's 62; the oracle per_task_lora does not count).
+    multi = {(label, "s1", 1) for label in ("moe_cl", "seq_lora", "replay", "olora")}
+    assert set(first) | set(again) == {(label, "s1", 0) for label in labels} | multi
+    assert len(results.rows) == len(first) + len(again) == len(labels) + len(multi)
+    assert planned_runs(SEQUENCES, labels, seeds, results.rows)[-1] == ("olora", "s1", 1)
+
+    third = []
+    run_benchmark(SEQUENCES, labels, seeds, Results(tmp_path, budget, draws=DRAWS), fake_run(AA, third))
+    assert third == []
+    saved = json.loads((tmp_path / "cl_quality.json").read_text())
+    assert all(set(row) == ROW_KEYS for row in saved["rows"])
+    pair = next(p for p in saved["aggregate"]["pairs"]
+                if (p["sequence"], p["a"], p["b"], p["measure"]) == ("s1", "moe_cl", "seq_lora", "AA"))
+    assert pair["seeds"] == [0, 1] and pair["verdict"] == "better"
+    assert "| moe_cl | 2 |" in (tmp_path / "cl_quality.md").read_text()
+    assert (tmp_path / "cl_quality_aa_bwt.png").stat().st_size > 10_000
+
+
+def test_a_results_file_of_another_budget_is_refused_and_kept(tmp_path):
+    run_benchmark({"s1": ["a", "b"]}, ["moe_cl"], [0], Results(tmp_path, Budget(model="tiny"), draws=DRAWS),
+                  fake_run(AA, []))
+    before = (tmp_path / "cl_quality.json").read_text()
+    with pytest.raises(SystemExit, match="steps_per_task"):
+        Results(tmp_path, Budget(model="tiny", steps_per_task=32))
+    with pytest.raises(SystemExit, match="another --sequence name"):
+        run_benchmark({"s1": ["b", "a"]}, ["moe_cl"], [0], Results(tmp_path, Budget(model="tiny")), fake_run(AA, []))
+    assert (tmp_path / "cl_quality.json").read_text() == before
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "cl_quality.json").write_text("[]")  # the single-seed predecessor wrote a list
+    with pytest.raises(SystemExit, match="not a results file"):
+        Results(tmp_path / "old", Budget(model="tiny"))
+
+
+def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypatch):
+    tasks = ["bbc_news_topic", "vader_movieReviewSnippets"]
+    for t in tasks:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        for split in ("train", "test"):
+            (tmp_path / "data" / t / f"{split}.jsonl").write_text('{"text": "x", "label": "no"}\n{"text": "y", "label": "yes"}\n')
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # The evaluate stages' rows as the pipeline records them: task 0's row may carry a later task (GEM FwT).
+    rows = {"task0/evaluate": {"oracle": {"correct": [[1, 0, 1], [0, 0, 0]]}},
+            "task1/evaluate": {"oracle": {"correct": [[1, 1, 0], [1, 0, 0]]}}}
+    (run_dir / "ledger.json").write_text(json.dumps({"stages": {k: {"outputs": {"rows": v}} for k, v in rows.items()}}))
+    summary = {"oracle": {"AA": 50.0, "BwT": 0.0, "FwT": 1.0, "forgetting": 0.0}}
+    result = SimpleNamespace(summary=summary, strip_calibrated={"oracle": [40.0, 60.0]}, run_dir=run_dir,
+                             stage_seconds={"a": 1.25, "b": 2.0})
+
+    class FakeDriver:
+        def __init__(self, cfg, storage):
+            assert cfg.training.seed == 3 and [t.name for t in cfg.tasks] == tasks
+
+        def run(self):
+            return result
+
+    monkeypatch.setattr("pipelines.driver.Driver", FakeDriver)
+    monkeypatch.setattr(cl_quality, "bank_size", lambda run_dir, n: 1234)
+    row, examples = cl_quality.run_one("seq_lora", "mine", tasks, 3, tmp_path / "data", Budget(model="tiny"), tmp_path)
+    assert set(row) == ROW_KEYS
+    assert row["learning_gain"] is None and row["steps_per_task"] is None  # before the pipeline reports them
+    assert row["n_test"] == [3, 3] and row["wall_s"] == 3.2 and row["strip_rate"] == 50.0 and not row["oracle"]
+    assert examples == {"oracle": [["101"], ["110", "100"]]}
+    summary["oracle"]["learning_gain"], result.steps_per_task = 30.0, 16
+    row, _ = cl_quality.run_one("seq_lora", "mine", tasks, 3, tmp_path / "data", Budget(model="tiny"), tmp_path)
+    assert row["learning_gain"] == 30.0 and row["steps_per_task"] == 16
+
+
+def test_run_config_carries_the_budget_seed_and_ablation(tmp_path):
+    cfg = run_config("moe_cl_no_gan", "multiemo", cl_quality.SEQUENCES["multiemo"], 2, cl_quality.DEFAULT_DATA,
+                     Budget(steps_per_task=16, batch_size=8))
     assert cfg["method"] == {"name": "moe_cl", "params": {"adv_weight": 0.0}}
-    assert cfg["name"] == "clq-moe_cl_no_gan-order2" and cfg["tasks"][0]["name"] == "foldoc_subject"
+    assert cfg["training"]["seed"] == 2 and cfg["training"]["epochs"] == 1
+    task = cfg["tasks"][0]
+    assert task["max_train_examples"] == 128 and task["max_test_examples"] == 200
+    assert task["labels"] == ["ambivalent", "negative", "neutral", "positive"] and task["template"].startswith("Review:")
+
+
+# -- goals ---------------------------------------------------------------------------------------------
+def test_goals_follow_the_figures_and_say_what_is_not_measured(tmp_path):
+    rows, examples = [], {}
+    for label, rate in {"moe_cl": 0.8, "moe_cl_no_gan": 0.8, "seq_lora": 0.6, "replay": 0.85}.items():
+        row, ex = fake_run({label: rate}, [])(label, "order1", ["a", "b"], 0)
+        rows.append(row)
+        examples[run_key(row)] = ex
+    lines = goals(rows, aggregate(rows, examples, draws=DRAWS))
+    assert lines[0] == "order1: MoE-CL BwT ≥ −2: BwT +0.0 [+0.0, +0.0], met"
+    assert "vs seq_lora +" in lines[1] and lines[1].endswith("not measured yet (no rows: ewc, olora, mocl, seta)")
+    assert "(worse), not met" in lines[2]  # replay 5 points above on the same examples
+    assert lines[3].endswith("no distinguishable effect")
+    assert lines[7].endswith("not measured yet") and "not measured yet (no rows: seq_lora" in lines[8]  # multiemo
+    assert lines[-2] == "every row reports FwT (GEM), learning gain and optimizer steps per task: 0 of 4 rows, not met"
+
+
+# -- the real pipeline -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_benchmark_runs_a_tiny_sequence_through_the_pipeline_and_does_not_run_it_twice(tmp_path, ray_local, capsys):
+    from cl_core.synthetic import synthetic_rows
+
+    for t, (name, labels) in enumerate({"syn_a": ["w1", "w2"], "syn_b": ["w3", "w4", "w5"]}.items()):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for split, n, seed in (("train", 40, 0), ("test", 30, 1)):
+            lines = "".join(json.dumps(r) + "\n" for r in synthetic_rows(t, labels, n, seed))
+            (tmp_path / "data" / name / f"{split}.jsonl").write_text(lines)
+    argv = ["--model", "tiny", "--order", "syn_a,syn_b", "--sequence", "smoke", "--data", str(tmp_path / "data"),
+            "--methods", "seq_lora", "--seeds", "0", "--steps-per-task", "2", "--test-examples", "20",
+            "--max-length", "32", "--lr", "0.01", "--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    cl_quality.main(argv)
+    saved = json.loads((tmp_path / "out" / "cl_quality.json").read_text())
+    (row,) = saved["rows"]
+    assert set(row) == ROW_KEYS and row["n_test"] == [20, 20] and row["order"] == ["syn_a", "syn_b"]
+    cells = json.loads((tmp_path / "out" / "cl_quality_examples.json").read_text())[run_key(row)]["oracle"]
+    final = [np.mean([int(c) for c in cell]) for cell in cells[-1]]
+    assert row["AA"] == pytest.approx(100 * np.mean(final))  # the pipeline's AA from the recorded examples
+    (entry,) = saved["aggregate"]["methods"]
+    assert entry["AA"]["mean"] == pytest.approx(row["AA"]) and entry["AA"]["ci95"][0] <= row["AA"] <= entry["AA"]["ci95"][1]
+    capsys.readouterr()
+    cl_quality.main(argv)
+    assert "seq_lora smoke seed 0: finished earlier" in capsys.readouterr().out
