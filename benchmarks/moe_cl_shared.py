@@ -9,7 +9,8 @@ benchmark's budget (16 optimizer steps of 8 examples per task, lr 1e-3, rank 8),
 pipeline's data preparation, training step and evaluation without Ray and MLflow around them,
 which would add minutes per run and change no number. Each finished (sequence, variant) is written
 to `benchmarks/results/moe_cl_shared.json` at once, with its accuracy matrix and per-example
-correctness, and skipped when the command runs again. Differences against `lr1` (the shared
+correctness, and skipped when the command runs again (the budget is `benchmarks.cl_quality`'s
+Budget; the test examples default to 100 here to keep the sweep to minutes per run). Differences against `lr1` (the shared
 expert at the experts' learning rate, the earlier default) are paired bootstrap intervals over
 the same test examples.
 """
@@ -32,19 +33,10 @@ from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import parse_config
 from pipelines.data import load_prepared, prepare_task
+from benchmarks import cl_quality
+from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-RESULTS = REPO / "benchmarks" / "results" / "moe_cl_shared.json"
-MULTIEMO_LABELS = ["ambivalent", "negative", "neutral", "positive"]
-SEQUENCES = {
-    "order1": {"bbc_news_topic": ["business", "entertainment", "politics", "sports", "tech"],
-               "vader_movieReviewSnippets": ["negative", "positive"],
-               "spamassassin": ["ham", "spam"],
-               "foldoc_subject": ["company", "database", "graphics", "hardware", "language", "mathematics",
-                                  "networking", "operating system", "programming", "security"]},
-    "multiemo": {f"multiemo_{d}": MULTIEMO_LABELS for d in ("hotels", "medicine", "products", "reviews")},
-}
+RESULTS = Path(__file__).resolve().parent / "results" / "moe_cl_shared.json"
 VARIANTS = {
     "lr1": {"shared_lr_scale": 1.0},
     "lr0.1": {"shared_lr_scale": 0.1},
@@ -54,20 +46,10 @@ VARIANTS = {
 }
 
 
-def run_config(sequence: str, variant: str, steps: int, test_examples: int) -> dict:
-    tasks = SEQUENCES[sequence]
-    return {
-        "name": f"shared-{sequence}-{variant}",
-        "model": {"kind": "smollm2"},
-        "tasks": [{"name": t, "data": {"train": str(DATA / t / "train.jsonl"), "test": str(DATA / t / "test.jsonl")},
-                   "labels": labels, "max_train_examples": steps * 8, "max_test_examples": test_examples}
-                  for t, labels in tasks.items()],
-        "objective": "lm",
-        "method": {"name": "moe_cl", "params": VARIANTS[variant]},
-        "bank": {"rank": 8, "alpha": 16, "dropout": 0.05},
-        "training": {"lr": 1e-3, "batch_size": 8, "max_length": 96, "seed": 0},
-        "data": {"on_bad_rows": "skip"},  # spamassassin has a few empty messages
-    }
+def run_config(sequence: str, variant: str, budget: Budget) -> dict:
+    """The continual-learning benchmark's MoE-CL run at seed 0, with the variant's parameters."""
+    cfg = cl_quality.run_config("moe_cl", sequence, SEQUENCES[sequence], 0, DEFAULT_DATA, budget)
+    return {**cfg, "name": f"shared-{sequence}-{variant}", "method": {"name": "moe_cl", "params": VARIANTS[variant]}}
 
 
 def shuffled_batches(collate, examples: list[dict], batch_size: int, seed: int):
@@ -77,8 +59,8 @@ def shuffled_batches(collate, examples: list[dict], batch_size: int, seed: int):
         yield collate([examples[i] for i in order[start:start + batch_size]])
 
 
-def run(sequence: str, variant: str, steps: int, test_examples: int, cache: Path) -> dict:
-    cfg = parse_config(run_config(sequence, variant, steps, test_examples))
+def run(sequence: str, variant: str, budget: Budget, cache: Path) -> dict:
+    cfg = parse_config(run_config(sequence, variant, budget))
     precision = resolve_precision(cfg.training.precision, torch.device("cpu"))
     base = materialize_base_model(cfg, cache / "models").model_copy(update={"dtype": base_dtype(precision)})
     tokenizer = load_tokenizer(base)
@@ -94,8 +76,9 @@ def run(sequence: str, variant: str, steps: int, test_examples: int, cache: Path
         method.setup_task(model, t)
         objective.setup_task(model, t)
         train = load_prepared(path, "train")
-        train_steps(learner, shuffled_batches(objective.collate, train, 8, cfg.training.seed + t), lr=cfg.training.lr)
-        method.after_task(model, t, lambda: shuffled_batches(objective.collate, train, 8, 0),
+        batch = cfg.training.batch_size
+        train_steps(learner, shuffled_batches(objective.collate, train, batch, cfg.training.seed + t), lr=cfg.training.lr)
+        method.after_task(model, t, lambda: shuffled_batches(objective.collate, train, batch, 0),
                           task_loss_fn(model, objective, method))
         correct.append([evaluate_task(model, objective, method, load_prepared(p, "test"), batch_size=20)["correct"]
                         for p in paths[: t + 1]])
@@ -128,12 +111,13 @@ def main() -> None:
     parser.add_argument("--test-examples", type=int, default=100)
     parser.add_argument("--cache", default=str(REPO / "runs" / "moe_cl_shared"))
     args = parser.parse_args()
+    budget = Budget(steps_per_task=args.steps, test_examples=args.test_examples)
     done = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
     for sequence in args.sequences.split(","):
         for variant in args.variants.split(","):
             if any(r["sequence"] == sequence and r["variant"] == variant for r in done):
                 continue
-            row = run(sequence, variant, args.steps, args.test_examples, Path(args.cache))
+            row = run(sequence, variant, budget, Path(args.cache))
             done.append(row)
             print(f"{sequence} {variant}: AA {row['AA']:.1f} BwT {row['BwT']:+.1f} ({row['wall_s']:.0f} s)", flush=True)
             RESULTS.write_text(json.dumps({"steps_per_task": args.steps, "test_examples": args.test_examples,
