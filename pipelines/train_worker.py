@@ -158,7 +158,10 @@ def train_loop(config: dict) -> None:
     pending, started, checkpoint_s = [], time.perf_counter(), 0.0
     for step in range(start, len(schedule)):
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
-        loss, logs = engine(batch, diagnose=(step + 1) % LOG_EVERY == 0 or step + 1 == len(schedule))
+        # The method's costly figures on logged steps; not under ZeRO-3, where their extra backward
+        # would reach base weights already released to their partitions.
+        diagnose = zero_stage < 3 and ((step + 1) % LOG_EVERY == 0 or step + 1 == len(schedule))
+        loss, logs = engine(batch, diagnose=diagnose)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
         engine.step()

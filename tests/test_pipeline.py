@@ -156,7 +156,7 @@ def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tm
     assert ledger["model"]["outputs"]["spec"]["dtype"] == "bfloat16"
     assert ledger["task0/train"]["outputs"]["partitioned_params"] >= 2 * 3 + 2  # the bf16 base is partitioned
     bank = load_file(str(Path(ledger["task1/bank"]["outputs"]["path"]) / "bank.safetensors"))
-    assert {t.dtype for t in bank.values()} == {torch.float32}  # what trains stays float32
+    assert {t.dtype for t in bank.values() if t.is_floating_point()} == {torch.float32}  # what trains stays float32
     R, fp32 = result.matrices["oracle"], zero2_run[2].matrices["oracle"]
     assert R[0, 0] >= 75 and R[1, 1] >= 75 and np.nanmax(np.abs(R - fp32)) <= 10
     status = subprocess.run(CLPIPE + ["status", result.run_id, "--storage", str(tmp_path / "whole")],
