@@ -39,36 +39,44 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from pipelines.config import load_config
     from pipelines.driver import Driver, print_result
+    from pipelines.sequence import task_records
 
     cfg = load_config(args.config)
     storage = _storage(args)
-    if _finished(storage / cfg.run_id):
+    if _finished(storage / cfg.run_id, task_records(cfg)):
         print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
         return 0
-    result = Driver(cfg, storage).run()
+    result = Driver(cfg, storage).run()  # appended tasks continue the run; a changed task is refused
     print_result(result)
     return 0
 
 
-def _finished(run_dir: Path) -> bool:
-    """Report written and MLflow complete (else the rerun goes through the ledger and reconciles MLflow)."""
-    ledger = run_dir / "ledger.json"
-    return (run_dir / "report" / "summary.json").exists() and ledger.exists() and \
-        json.loads(ledger.read_text())["meta"].get("mlflow_complete", False)
+def _finished(run_dir: Path, tasks: list[dict]) -> bool:
+    """Report written for exactly these tasks and MLflow complete (else the Driver goes through the
+    ledger: it refuses a changed task, trains appended ones and reconciles MLflow)."""
+    ledger, summary = run_dir / "ledger.json", run_dir / "report" / "summary.json"
+    if not (ledger.exists() and summary.exists()):
+        return False
+    data = json.loads(ledger.read_text())
+    return data.get("tasks") == tasks and len(json.loads(summary.read_text())["tasks"]) == len(tasks) and \
+        data["meta"].get("mlflow_complete", False)
 
 
 def cmd_status(args) -> int:
     from pipelines.predict import find_run, read_run
     from pipelines.report import accuracy_matrix, format_matrix
+    from pipelines.sequence import format_date, trained_at
 
     cfg, stages = read_run(find_run(_storage(args), args.run))
     names = [t.name for t in cfg.tasks]
     model = stages.get("model", {}).get("outputs", {})
     precision = model.get("precision", f"{cfg.training.precision}, not resolved yet")
     print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}, precision {precision}")
+    trained = trained_at(stages, len(names))
     for t, name in enumerate(names):
         states = [f"{s}:{'done' if f'task{t}/{s}' in stages else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
-        print(f"  task{t} {name:<28} " + "  ".join(states))
+        when = f"trained {format_date(trained[t])}" if t in trained else "not trained yet"
+        print(f"  task{t} {name:<28} {when:<30} " + "  ".join(states))
     rows = [stages[f"task{t}/evaluate"]["outputs"]["rows"]["oracle"]["accuracy"]
             for t in range(len(names)) if f"task{t}/evaluate" in stages]
     if rows:

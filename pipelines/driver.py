@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.data import load_split
 from pipelines.ledger import Ledger
 from pipelines.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
+from pipelines.sequence import check_extends, task_records, trained_at
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
 
 
@@ -130,8 +132,12 @@ class Driver:
         self.tracking_failed = False
         check_data(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
         self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+        records = task_records(cfg)  # before anything is written: a changed task changes nothing
+        check_extends(self.ledger.tasks, records, cfg.run_id, trained_at(self.ledger.data["stages"], len(records)))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+        if records != self.ledger.tasks:
+            self.ledger.set_tasks(records)
         self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
         self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
 
@@ -214,10 +220,16 @@ class Driver:
                 self.progress(f"  {task.name}: no rows beyond max_train_examples; {p['splits']['calibration']['rows']} "
                               f"training rows held out as the calibration slice for decision thresholds")
         # The one evaluation in flight, recorded once the next task's training has run: first the
-        # untrained baseline, then task t's row while task t+1 trains.
-        pending = self._pending(None, self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
-            cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
-            untrained=True)))
+        # untrained baseline of the tasks that have none yet (all of them, or those appended), then
+        # task t's row while task t+1 trains.
+        first = self._baseline_covered()
+        pending = None
+        if first < len(cfg.tasks):
+            key, name = ("baseline/evaluate", "baseline") if first == 0 else \
+                (f"baseline/evaluate-from-task{first}", f"baseline-from-task{first}")
+            pending = self._pending(None, self.launch(key, lambda _: stages.evaluate.options(**opts).remote(
+                cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / f"{name}.json"),
+                untrained=True, first=first)))
 
         parent_bank, plans = None, cfg.method.build().plans_tasks
         for t, task in enumerate(cfg.tasks):
@@ -236,6 +248,7 @@ class Driver:
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
+            self._prune_train_checkpoints(t)
             pending = self._pending(t, self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(
                 **opts).remote(cfg, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
             parent_bank = bank_dir
@@ -268,9 +281,28 @@ class Driver:
             done = self.ledger.outputs(f"task{t}/bank")
             problem = done and stages.verify_bank(done["path"])
             if problem:
-                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from its training output")
+                # Train checkpoints are removed once the bank is durable: then the task trains again
+                # (deterministically, from the same parent bank).
+                retrain = not Path(self.ledger.outputs(f"task{t}/train")["tensors"]).exists()
+                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from "
+                              f"{'a new training' if retrain else 'its training output'}")
                 self.expected_bank_sha[t] = done["sha256"]
-                self.ledger.forget([f"task{t}/bank"])
+                self.ledger.forget([f"task{t}/train"] * retrain + [f"task{t}/bank"])
+            elif done:
+                self._prune_train_checkpoints(t)  # a crash may have come between the bank and the removal
+
+    def _prune_train_checkpoints(self, t: int) -> None:
+        """Task t's bank is durable: its train stage's Ray Train checkpoints are dead state."""
+        shutil.rmtree(self.run_dir / "ray_train" / stages.train_run_name(self.cfg, t), ignore_errors=True)
+
+    def _baseline_stages(self) -> list[dict]:
+        """The done untrained-baseline evaluations, in task order (one per time tasks were appended)."""
+        done = [v["outputs"] for k, v in self.ledger.data["stages"].items() if k.startswith("baseline/evaluate")]
+        return sorted(done, key=lambda out: out.get("first", 0))
+
+    def _baseline_covered(self) -> int:
+        """How many tasks (from the first) have an untrained baseline."""
+        return sum(len(out["rows"]["oracle"]["accuracy"]) for out in self._baseline_stages())
 
     def _evaluated(self, t: int, row: dict) -> None:
         self._log_row(t, row)
@@ -292,7 +324,7 @@ class Driver:
         cfg, names = self.cfg, [t.name for t in self.cfg.tasks]
         n = len(names)
         rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(n)]
-        base = np.array(self.ledger.outputs("baseline/evaluate")["rows"]["oracle"]["accuracy"]) * 100
+        base = np.concatenate([out["rows"]["oracle"]["accuracy"] for out in self._baseline_stages()]) * 100
         matrices, summary, strip, strip_calibrated = {}, {}, {}, {}
         for mode in rows[-1]:
             matrices[mode] = accuracy_matrix([row[mode]["accuracy"] for row in rows], n)

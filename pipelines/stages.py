@@ -70,6 +70,11 @@ def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
 
 
+def train_run_name(cfg: RunConfig, task: int) -> str:
+    """The Ray Train run (its folder under the storage path) of task `task`'s train stage."""
+    return f"{cfg.run_id}-task{task}"
+
+
 def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
           storage_path: Path, tracking: dict | None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
@@ -86,7 +91,7 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
                            "threads": cfg.ray.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=TrainRunConfig(name=f"{cfg.run_id}-task{task}", storage_path=str(storage_path),
+        run_config=TrainRunConfig(name=train_run_name(cfg, task), storage_path=str(storage_path),
                                   failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -159,14 +164,15 @@ def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, te
 
 @ray.remote
 def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
-             out_file: str, untrained: bool = False) -> dict:
-    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
+             out_file: str, untrained: bool = False, first: int = 0) -> dict:
+    """Accuracy and strip rate on every task first..upto: one row of the accuracy matrix per mode.
 
     `strip_rate` picks its thresholds on the test split (an upper bound); `strip_rate_calibrated`
     and `precision_calibrated` apply the thresholds chosen on the calibration slices, which are
     stored beside the bank for `clpipe predict` and `clpipe serve`.
 
-    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline).
+    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline); `first`
+    > 0 there evaluates only tasks appended to a run whose earlier tasks have their baseline.
     """
     start = time.perf_counter()
     _threads()
@@ -186,12 +192,12 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
                         for t in range(upto + 1)]
         results = [evaluate_task(stage.model, stage.objective, stage.method, load_prepared(data_paths[t], "test"),
                                  cfg.eval.batch_size, mode, cfg.eval.target_precision, chosen[mode][t])
-                   for t in range(upto + 1)]
+                   for t in range(first, upto + 1)]
         rows[mode] = {key: [r.get(key) for r in results]
                       for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
     if not untrained:
         save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    out = {"rows": rows, "first": first, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
 

@@ -89,7 +89,12 @@ class Tracker:
         return run.info.run_id
 
     def parent_run(self, run_id: str, config: dict) -> str:
-        return self._reopen_or_create(run_id, {"clpipe.run_id": run_id, "clpipe.kind": SEQUENCE}, flatten(config))
+        """The sequence's run. Its task list is a tag, not params: params cannot change, and a run
+        can have tasks appended."""
+        params = flatten({k: v for k, v in config.items() if k != "tasks"})
+        run = self._reopen_or_create(run_id, {"clpipe.run_id": run_id, "clpipe.kind": SEQUENCE}, params)
+        self.client.set_tag(run, "clpipe.tasks", ", ".join(t["name"] for t in config["tasks"]))
+        return run
 
     def search_run(self, search_id: str, params: dict[str, str], base_run_id: str) -> str:
         """A Tune search's run; its trials' sequence runs nest under it (see `nest`)."""

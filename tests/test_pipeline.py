@@ -294,3 +294,32 @@ def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
     time.sleep(1)
     server_left = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port}" not in server_left
+
+
+def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp_path, zero2_run):
+    import shutil
+
+    cfg, storage, result = zero2_run
+    assert not list((result.run_dir / "ray_train").glob("*/checkpoint_*"))  # banks durable: checkpoints gone
+    shutil.copytree(storage, tmp_path / "s")
+    three = parse_config(tiny_run("seq", tasks=3))
+    assert three.run_id == cfg.run_id
+    messages = []
+    extended = Driver(three, tmp_path / "s", messages.append).run()
+    ran = {m.split()[0] for m in messages if m.endswith("running")}
+    assert ran == {"task2/prepare", "baseline/evaluate-from-task2", "task2/train", "task2/bank", "task2/evaluate"}
+    R = extended.matrices["oracle"]
+    assert np.array_equal(R[:2, :2], result.matrices["oracle"], equal_nan=True) and not np.isnan(R[2]).any()
+    assert np.array_equal(extended.baseline[:2], result.baseline) and len(extended.baseline) == 3
+    assert not list((extended.run_dir / "ray_train").glob("*/checkpoint_*"))
+    client = MlflowClient(default_tracking_uri(tmp_path / "s"))
+    runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
+    assert len(parents) == 1 and parents[0].data.tags["clpipe.tasks"] == "task0, task1, task2"
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 15
+    status = subprocess.run(CLPIPE + ["status", cfg.run_id, "--storage", str(tmp_path / "s")], capture_output=True,
+                            text=True, cwd=REPO)
+    lines = [line.split() for line in status.stdout.splitlines() if line.startswith("  task")]
+    assert [line[:3] for line in lines] == [["task0", "task0", "trained"], ["task1", "task1", "trained"],
+                                            ["task2", "task2", "trained"]]
+    assert lines[0][3] <= lines[1][3] <= lines[2][3]  # dates, in order
