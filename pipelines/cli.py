@@ -39,6 +39,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from pipelines.config import load_config
     from pipelines.driver import Driver, print_result
+    from pipelines.progress import ProgressBoard
     from pipelines.sequence import task_records
 
     cfg = load_config(args.config)
@@ -46,7 +47,11 @@ def cmd_run(args) -> int:
     if _finished(storage / cfg.run_id, task_records(cfg)):
         print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
         return 0
-    result = Driver(cfg, storage).run()  # appended tasks continue the run; a changed task is refused
+    board = ProgressBoard(storage / cfg.run_id)  # progress of the running stages on this console
+    try:
+        result = Driver(cfg, storage, board.message, board=board).run()  # appended tasks continue the run
+    finally:
+        board.close()
     print_result(result)
     return 0
 
