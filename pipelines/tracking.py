@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -164,7 +165,9 @@ class Tracker:
                                                   split=getattr(hub, f"{split}_split"))
             else:  # the file the rows were read from; generated rows: the prepared folder
                 source = getattr(task.data, split) or str(Path(prepared) / split)
-            dataset = from_huggingface(rows, source=source, name=f"{task.name}/{split}", targets="label")
+            with warnings.catch_warnings():  # hints about schema inference and source resolution, on every stage
+                warnings.simplefilter("ignore")
+                dataset = from_huggingface(rows, source=source, name=f"{task.name}/{split}", targets="label")
             context = "training" if split == "train" else "evaluation"
             # MlflowClient.log_inputs takes entities; mlflow.log_input converts the same way, for the active run only.
             entries.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
