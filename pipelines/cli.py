@@ -100,8 +100,14 @@ def cmd_ui(args) -> int:
                "--port", str(args.port), "--workers", "1",
                "--default-artifact-root", (_storage(args) / "mlartifacts").as_uri()]
     # Own process group: mlflow leaves workers behind on SIGTERM to the parent; stop the group.
+    # Read before the server starts: it creates the store's tables when there is none yet.
+    experiment = _experiment_id(uri, args.run and _storage(args) / args.run) \
+        if (_storage(args) / "mlflow.db").exists() else None
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
+    if experiment is not None:  # MLflow's UI opens in its GenAI view unless the link asks for model training
+        print(f"runs of the experiment: http://{args.host}:{args.port}/#/experiments/{experiment}"
+              f"?workflowType=machine_learning")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return proc.wait()
@@ -114,6 +120,18 @@ def cmd_ui(args) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _experiment_id(uri: str, run_dir: Path | None) -> str | None:
+    """The id of the runs' MLflow experiment (the run's, else the default one) in the store, if any."""
+    from mlflow import MlflowClient
+
+    from pipelines.config import MlflowConfig
+    from pipelines.predict import read_run
+
+    name = read_run(run_dir)[0].mlflow.experiment if run_dir else MlflowConfig().experiment
+    found = MlflowClient(uri).get_experiment_by_name(name)
+    return found and found.experiment_id
 
 
 def _stop_on_sigterm(signum, frame):

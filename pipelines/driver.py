@@ -138,7 +138,7 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.run_dir, cfg.identity_hash())
         records = task_records(cfg)  # before anything is written: a changed task changes nothing
-        check_extends(self.ledger.tasks, records, cfg.run_id, trained_at(self.ledger.data["stages"], len(records)))
+        check_extends(self.ledger.tasks, records, cfg.run_id, trained_at(self.ledger.data["stages"], len(self.ledger.tasks)))
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
         if records != self.ledger.tasks:
             self.ledger.set_tasks(records)
@@ -231,6 +231,10 @@ class Driver:
         prepared = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
             cfg, t, base, str(cache / "prepared"))) for t in range(len(cfg.tasks))]
         data = self.data = [p["path"] for p in prepared]
+        # The parent run lists every task's data too (the runs list shows the parents' datasets);
+        # MLflow keeps one input per dataset and run, so a rerun adds only appended tasks' data.
+        self._tracked(lambda: self.tracker.datasets(self.parent, [(task, data[t], split) for t, task in
+                                                                  enumerate(cfg.tasks) for split in ("train", "test")]))
         for task, p in zip(cfg.tasks, prepared):
             if p["calibration_source"] == "held out of training":
                 self.progress(f"  {task.name}: no rows beyond max_train_examples; {p['splits']['calibration']['rows']} "
@@ -360,10 +364,11 @@ class Driver:
         names = [t.name for t in self.cfg.tasks]
         _, base, matrices, summary = self._so_far(k)
         s = summary["oracle"]
+        # The summary first: the UI shows the first lines of a description until "Show more".
         return (f"**{self.cfg.run_id}**: method `{self.cfg.method.name}`, {k} of {len(names)} tasks trained "
-                f"({', '.join(names)}).\n\nAccuracy (%, oracle task id); rows: after training each task\n\n"
-                f"{markdown_matrix(matrices['oracle'], names[:k], base)}\n\n"
-                f"AA {s['AA']:.1f} · BwT {s['BwT']:+.1f} · FwT {s['FwT']:+.1f} · forgetting {s['forgetting']:.1f}")
+                f"({', '.join(names)}).\n\n**AA {s['AA']:.1f} · BwT {s['BwT']:+.1f} · FwT {s['FwT']:+.1f} · "
+                f"forgetting {s['forgetting']:.1f}**\n\nAccuracy (%, oracle task id); rows: after training each task\n\n"
+                f"{markdown_matrix(matrices['oracle'], names[:k], base)}")
 
     def _report(self, wall_start: float) -> RunResult:
         cfg, names = self.cfg, [t.name for t in self.cfg.tasks]

@@ -125,7 +125,7 @@ class ProgressBoard:
         with self.lock:
             states = self._states()
             if self.tty:
-                line = " | ".join(format_progress(s, state).replace("  ", " ") for s, state in states.items())
+                line = " | ".join(" ".join(format_progress(s, state).split()) for s, state in states.items())
                 if line and line != self.shown:
                     self.out.write("\r\x1b[K" + line[: shutil.get_terminal_size().columns - 1])
                     self.out.flush()
