@@ -7,8 +7,15 @@ storage folder where the driver is SIGKILLed (with the local Ray it started) at 
 moments drawn at random from: during prepare, mid-train, during the bank write, during eval.
 After each kill the same command is run again. At the end it compares the final accuracy
 matrix and the MLflow runs with the reference and prints on its last line
-{"kills": N, "identical": true|false, "duplicate_mlflow_runs": k, "lost_stages": k}:
+{"kills": N, "identical": true|false, "duplicate_mlflow_runs": k, "lost_stages": k, "extension": {…}}:
 lost stages are stages the ledger had marked done before a kill and not after it.
+
+The extension case: the first two tasks run to the end, then the config with the third task
+appended runs once uninterrupted (on a copy) and once with the driver killed at
+`--extension-kills` moments of the new task's stages. Its result: kills, lost stages, duplicate
+MLflow runs, `identical` (to the uninterrupted extension) and `identical_to_scratch` (to the
+3-task reference run; expected wherever training is deterministic, as it is here).
+`--only-extension` skips the kills of the 3-task run from scratch.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +38,12 @@ import yaml
 MOMENTS = ("prepare", "train", "bank", "evaluate")
 
 
-def chaos_config() -> dict:
+def chaos_config(tasks: int = 3) -> dict:
     return {
         "name": "chaos",
         "model": {"kind": "tiny", "hidden_size": 64, "num_layers": 2, "vocab_size": 256},
         "tasks": [{"name": f"task{t}", "data": {"synthetic": {"n_train": 48, "n_test": 24}},
-                   "labels": [f"w{2 * t + 1}", f"w{2 * t + 2}"]} for t in range(3)],
+                   "labels": [f"w{2 * t + 1}", f"w{2 * t + 2}"]} for t in range(tasks)],
         "method": {"name": "moe_cl", "params": {"adv_weight": 0.1}},
         "training": {"epochs": 6, "lr": 0.01, "batch_size": 8, "max_length": 32, "checkpoint_every": 3},
         "ray": {"num_workers": 1, "cpus_per_worker": 1},
@@ -107,10 +115,43 @@ def matrix(run_dir: Path) -> list:
     return json.loads((run_dir / "report" / "summary.json").read_text())["matrices"]
 
 
+def kill_each(config: Path, storage: Path, run_dir: Path, plan: list[str], rng: random.Random, say) -> tuple[int, int]:
+    """Run with a kill during each stage of `plan` in turn; returns (kills, stages lost)."""
+    kills = lost = 0
+    for stage in plan:
+        killed, lost_now = run_and_kill(config, storage, run_dir, stage, rng)
+        kills += killed
+        lost += lost_now
+        say(f"kill during {stage}: {'killed' if killed else 'not reached'}; "
+            f"stages done so far {len(done_stages(run_dir))}")
+    return kills, lost
+
+
+def extension_case(work: Path, run_id: str, kills: int, rng: random.Random, say) -> dict:
+    """A finished 2-task run extended to 3 tasks: uninterrupted on a copy, and with kills."""
+    two, three = work / "two.yaml", work / "chaos.yaml"
+    two.write_text(yaml.safe_dump(chaos_config(2)))
+    storage, uninterrupted = work / "extension", work / "extension-uninterrupted"
+    run_to_end(two, storage)
+    shutil.copytree(storage, uninterrupted)
+    run_to_end(three, uninterrupted)
+    say("2-task run and its uninterrupted extension done")
+    new_stages = ["task2/prepare", "baseline/evaluate-from-task2", "task2/train", "task2/bank", "task2/evaluate"]
+    plan = sorted(rng.sample(new_stages, min(kills, len(new_stages))), key=new_stages.index)
+    killed, lost = kill_each(three, storage, storage / run_id, plan, rng, say)
+    run_to_end(three, storage)
+    final = matrix(storage / run_id)
+    return {"kills": killed, "identical": final == matrix(uninterrupted / run_id),
+            "identical_to_scratch": final == matrix(work / "reference" / run_id),
+            "duplicate_mlflow_runs": mlflow_duplicates(storage), "lost_stages": lost}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extension-kills", type=int, default=3)
+    parser.add_argument("--only-extension", action="store_true", help="skip the kills of the run from scratch")
     parser.add_argument("--json", action="store_true", help="print only the result line")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -124,17 +165,14 @@ def main() -> None:
 
     run_to_end(config, work / "reference")
     say("reference run done")
-    storage = work / "chaos"
-    kills = lost = 0
-    for stage in kill_plan(args.kills, len(chaos_config()["tasks"]), rng):
-        killed, lost_now = run_and_kill(config, storage, storage / run_id, stage, rng)
-        kills += killed
-        lost += lost_now
-        say(f"kill during {stage}: {'killed' if killed else 'not reached'}; "
-            f"stages done so far {len(done_stages(storage / run_id))}")
-    run_to_end(config, storage)
-    result = {"kills": kills, "identical": matrix(work / "reference" / run_id) == matrix(storage / run_id),
-              "duplicate_mlflow_runs": mlflow_duplicates(storage), "lost_stages": lost}
+    result = {}
+    if not args.only_extension:
+        storage = work / "chaos"
+        kills, lost = kill_each(config, storage, storage / run_id, kill_plan(args.kills, 3, rng), rng, say)
+        run_to_end(config, storage)
+        result = {"kills": kills, "identical": matrix(work / "reference" / run_id) == matrix(storage / run_id),
+                  "duplicate_mlflow_runs": mlflow_duplicates(storage), "lost_stages": lost}
+    result["extension"] = extension_case(work, run_id, args.extension_kills, rng, say)
     print(json.dumps(result))
 
 

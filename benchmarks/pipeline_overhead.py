@@ -7,8 +7,11 @@ whole pipeline on SmolLM2-135M-Instruct in a fresh storage folder: local Ray, Ra
 DeepSpeed per task, MLflow on every stage. Stage compute is what each stage reports as its own
 work (training steps, data preparation, bank building, evaluation, GGUF dequantisation); the
 rest of the wall time (Ray and worker start-up, scheduling, model loading in each stage,
-checkpoint I/O, tracking) is overhead. Prints one JSON object on its last line:
-{"overhead_fraction": …, "wall_s": …, "stage_compute_s": …}.
+checkpoint I/O, tracking) is overhead. Also measures what the finished run keeps on disk per
+task (its run folder: banks, evaluation rows, report, ledger, any checkpoint left) against its
+banks and evaluation rows; target: storage per task ≤ 1.2 × bank bytes + evaluation bytes. Prints
+one JSON object on its last line: {"overhead_fraction": …, "wall_s": …, "stage_compute_s": …,
+"storage_per_task_bytes": …, "bank_bytes_per_task": …, "eval_bytes_per_task": …, "storage_target_met": …}.
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ def benchmark_config(data: Path, train_examples: int, test_examples: int) -> dic
     }
 
 
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def storage_figures(run_dir: Path, tasks: int) -> dict:
+    """Bytes per finished task: the whole run folder, its banks, its evaluation rows."""
+    per_task = {"storage_per_task_bytes": folder_bytes(run_dir) // tasks,
+                "bank_bytes_per_task": folder_bytes(run_dir / "banks") // tasks,
+                "eval_bytes_per_task": folder_bytes(run_dir / "eval") // tasks}
+    target = 1.2 * per_task["bank_bytes_per_task"] + per_task["eval_bytes_per_task"]
+    return {**per_task, "storage_target_met": per_task["storage_per_task_bytes"] <= target}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with <task>/{train,test}.jsonl")
@@ -65,7 +81,8 @@ def main() -> None:
         for key, seconds in result.stage_seconds.items():
             print(f"  {key:<22} {seconds:7.1f}s")
     print(json.dumps({"overhead_fraction": round(1 - result.compute_s / wall, 4), "wall_s": round(wall, 1),
-                      "stage_compute_s": round(result.compute_s, 1)}))
+                      "stage_compute_s": round(result.compute_s, 1),
+                      **storage_figures(result.run_dir, len(result.tasks))}))
 
 
 if __name__ == "__main__":

@@ -39,36 +39,49 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from pipelines.config import load_config
     from pipelines.driver import Driver, print_result
+    from pipelines.progress import ProgressBoard
+    from pipelines.sequence import task_records
 
     cfg = load_config(args.config)
     storage = _storage(args)
-    if _finished(storage / cfg.run_id):
+    if _finished(storage / cfg.run_id, task_records(cfg)):
         print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
         return 0
-    result = Driver(cfg, storage).run()
+    board = ProgressBoard(storage / cfg.run_id)  # progress of the running stages on this console
+    try:
+        result = Driver(cfg, storage, board.message, board=board).run()  # appended tasks continue the run
+    finally:
+        board.close()
     print_result(result)
     return 0
 
 
-def _finished(run_dir: Path) -> bool:
-    """Report written and MLflow complete (else the rerun goes through the ledger and reconciles MLflow)."""
-    ledger = run_dir / "ledger.json"
-    return (run_dir / "report" / "summary.json").exists() and ledger.exists() and \
-        json.loads(ledger.read_text())["meta"].get("mlflow_complete", False)
+def _finished(run_dir: Path, tasks: list[dict]) -> bool:
+    """Report written for exactly these tasks and MLflow complete (else the Driver goes through the
+    ledger: it refuses a changed task, trains appended ones and reconciles MLflow)."""
+    ledger, summary = run_dir / "ledger.json", run_dir / "report" / "summary.json"
+    if not (ledger.exists() and summary.exists()):
+        return False
+    data = json.loads(ledger.read_text())
+    return data.get("tasks") == tasks and len(json.loads(summary.read_text())["tasks"]) == len(tasks) and \
+        data["meta"].get("mlflow_complete", False)
 
 
 def cmd_status(args) -> int:
     from pipelines.predict import find_run, read_run
     from pipelines.report import accuracy_matrix, format_matrix
+    from pipelines.sequence import format_date, trained_at
 
     cfg, stages = read_run(find_run(_storage(args), args.run))
     names = [t.name for t in cfg.tasks]
     model = stages.get("model", {}).get("outputs", {})
     precision = model.get("precision", f"{cfg.training.precision}, not resolved yet")
     print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}, precision {precision}")
+    trained = trained_at(stages, len(names))
     for t, name in enumerate(names):
         states = [f"{s}:{'done' if f'task{t}/{s}' in stages else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
-        print(f"  task{t} {name:<28} " + "  ".join(states))
+        when = f"trained {format_date(trained[t])}" if t in trained else "not trained yet"
+        print(f"  task{t} {name:<28} {when:<30} " + "  ".join(states))
     rows = [stages[f"task{t}/evaluate"]["outputs"]["rows"]["oracle"]["accuracy"]
             for t in range(len(names)) if f"task{t}/evaluate" in stages]
     if rows:
@@ -87,8 +100,14 @@ def cmd_ui(args) -> int:
                "--port", str(args.port), "--workers", "1",
                "--default-artifact-root", (_storage(args) / "mlartifacts").as_uri()]
     # Own process group: mlflow leaves workers behind on SIGTERM to the parent; stop the group.
+    # Read before the server starts: it creates the store's tables when there is none yet.
+    experiment = _experiment_id(uri, args.run and _storage(args) / args.run) \
+        if (_storage(args) / "mlflow.db").exists() else None
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it")
+    if experiment is not None:  # MLflow's UI opens in its GenAI view unless the link asks for model training
+        print(f"runs of the experiment: http://{args.host}:{args.port}/#/experiments/{experiment}"
+              f"?workflowType=machine_learning")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return proc.wait()
@@ -101,6 +120,18 @@ def cmd_ui(args) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _experiment_id(uri: str, run_dir: Path | None) -> str | None:
+    """The id of the runs' MLflow experiment (the run's, else the default one) in the store, if any."""
+    from mlflow import MlflowClient
+
+    from pipelines.config import MlflowConfig
+    from pipelines.predict import read_run
+
+    name = read_run(run_dir)[0].mlflow.experiment if run_dir else MlflowConfig().experiment
+    found = MlflowClient(uri).get_experiment_by_name(name)
+    return found and found.experiment_id
 
 
 def _stop_on_sigterm(signum, frame):

@@ -248,9 +248,22 @@ class RunConfig(Strict):
                              f"method {self.method.name} holds after {len(self.tasks)} tasks")
         return self
 
+    @model_validator(mode="after")
+    def _fits_capacity(self):
+        # A method parameter `max_tasks` (MoE-CL's discriminator outputs) fixes, when the run starts,
+        # how many tasks its bank holds: a longer sequence is refused here, before any compute.
+        capacity = getattr(self.method.build().params, "max_tasks", None)
+        if capacity is not None and len(self.tasks) > capacity:
+            raise ValueError(f"method.params.max_tasks: {self.method.name} holds at most {capacity} tasks and the "
+                             f"sequence has {len(self.tasks)} (tasks[{capacity}] {self.tasks[capacity].name!r} does "
+                             f"not fit); a larger max_tasks is a new run (it sizes the bank from the first task)")
+        return self
+
     def identity_hash(self) -> str:
-        """Hash of everything that shapes the results; where they run and are tracked does not count."""
-        payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True})
+        """Hash of everything that shapes the results except the task list, so that a run can have
+        tasks appended (pipelines.sequence identifies each task's stages); where a run runs and is
+        tracked does not count."""
+        payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True, "tasks": True})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     @property

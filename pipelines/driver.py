@@ -3,8 +3,8 @@ bank → evaluate, each stage recorded in the ledger once its outputs are durabl
 Stages the ledger has are not run again.
 
 Task t's evaluation runs while task t+1's training starts up (it needs only task t's bank), so
-Ray Train's worker start-up overlaps it: it is the one pending evaluation, recorded after the next
-training (the untrained baseline is the first); a crash before then just runs it again.
+Ray Train's worker start-up overlaps it: it is pending, recorded after the next training that runs
+(the untrained baseline is the first); a crash before then just runs it again.
 
 Reads top to bottom as the run goes. Everything about a run lives under `storage/<run_id>/`,
 where run_id = `<name>-<config hash>`: rerunning the same command finds the ledger and goes on.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from pipelines import stages
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import load_split
 from pipelines.ledger import Ledger
-from pipelines.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
+from pipelines.progress import ProgressBoard, progress_file
+from pipelines.report import accuracy_matrix, format_matrix, markdown_matrix, matrix_csv, matrix_heatmap
+from pipelines.sequence import check_extends, task_records, trained_at
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
 
 
@@ -114,42 +117,55 @@ def start_ray(cfg: RunConfig) -> None:
 
 class Driver:
     def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
-                 on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True):
+                 on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True,
+                 board: ProgressBoard | None = None):
         """Checks the data, then opens the run folder (config, ledger) and its MLflow store.
 
         `on_evaluated(t, row)` is called after task t's evaluate stage (done now or earlier),
         e.g. to report a Tune trial's progress stage by stage. `overlap_eval=False` settles each
-        evaluation before the next task trains (a Tune scheduler wants the row first)."""
+        evaluation before the next task trains (a Tune scheduler wants the row first). `board`
+        shows the progress of running train and evaluate stages on the console."""
         self.cfg = cfg
         self.on_evaluated = on_evaluated
         self.overlap_eval = overlap_eval
         self.storage = Path(storage).resolve()
         self.run_dir = self.storage / cfg.run_id
         self.progress = progress
+        self.board = board
         self.cfg_dict = cfg.model_dump()
         self.expected_bank_sha: dict[int, str] = {}
         self.tracking_failed = False
         check_data(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
         self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+        records = task_records(cfg)  # before anything is written: a changed task changes nothing
+        check_extends(self.ledger.tasks, records, cfg.run_id, trained_at(self.ledger.data["stages"], len(self.ledger.tasks)))
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+        if records != self.ledger.tasks:
+            self.ledger.set_tasks(records)
         self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
         self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
 
     # -- one stage, at most once ----------------------------------------------------------------
-    def stage(self, key: str, work: Callable[[str | None], Any]) -> dict:
+    def stage(self, key: str, work: Callable[[str | None], Any], inputs: list[tuple[int, str]] = ()) -> dict:
         """Runs `work(child MLflow run id)` unless the ledger has the stage; returns its outputs."""
-        return self.settle(self.launch(key, work))
+        return self.settle(self.launch(key, work, inputs))
 
-    def launch(self, key: str, work: Callable[[str | None], Any]) -> LaunchedStage:
-        """Starts the stage: `work` returns its outputs, or a Ray ObjectRef to settle later."""
+    def launch(self, key: str, work: Callable[[str | None], Any], inputs: list[tuple[int, str]] = ()) -> LaunchedStage:
+        """Starts the stage: `work` returns its outputs, or a Ray ObjectRef to settle later.
+        `inputs`: the (task, split) pairs it reads, logged as its child run's dataset inputs."""
         done = self.ledger.outputs(key)
         if done is not None:
             self.progress(f"  {key:<22} done earlier")
             self._track_stage(key, done, self.ledger.data["stages"][key]["seconds"])  # reconciles MLflow
             return LaunchedStage(key, outputs=done)
         self.progress(f"  {key:<22} running")
+        if self.board:
+            self.board.watch(key)
         child = self._tracked(lambda: self.tracker.stage_run(self.parent, self.cfg.run_id, key))
+        if child and inputs:
+            self._tracked(lambda: self.tracker.datasets(child, [(self.cfg.tasks[t], self.data[t], split)
+                                                                for t, split in inputs]))
         start = time.perf_counter()
         return LaunchedStage(key, result=work(child), child=child, start=start)
 
@@ -161,6 +177,8 @@ class Driver:
             return launched.outputs
         result = launched.result
         out = ray.get(result) if isinstance(result, ray.ObjectRef) else result
+        if self.board:
+            self.board.unwatch(launched.key)
         # An overlapped stage reports when it finished: its seconds exclude waiting to be settled.
         end = out["finished_at"] - time.time() + time.perf_counter() if "finished_at" in out else time.perf_counter()
         seconds = end - launched.start
@@ -179,6 +197,10 @@ class Driver:
     def _finish_child(self, child: str, metrics: dict) -> None:
         self.tracker.log(child, metrics)
         self.tracker.finish(child)
+
+    def _progress_file(self, key: str) -> str | None:
+        """Where the stage's work writes its progress, when a board shows it."""
+        return str(progress_file(self.run_dir, key)) if self.board else None
 
     def _tracked(self, call):
         """MLflow failures mid-run never cost training: warn, go on; a rerun reconciles the runs."""
@@ -209,16 +231,27 @@ class Driver:
         # Every task's data first: the untrained baseline evaluates all of them.
         prepared = [self.stage(f"task{t}/prepare", lambda _, t=t: stages.prepare.options(**opts).remote(
             cfg, t, base, str(cache / "prepared"))) for t in range(len(cfg.tasks))]
-        data = [p["path"] for p in prepared]
+        data = self.data = [p["path"] for p in prepared]
+        # The parent run lists every task's data too (the runs list shows the parents' datasets);
+        # MLflow keeps one input per dataset and run, so a rerun adds only appended tasks' data.
+        self._tracked(lambda: self.tracker.datasets(self.parent, [(task, data[t], split) for t, task in
+                                                                  enumerate(cfg.tasks) for split in ("train", "test")]))
         for task, p in zip(cfg.tasks, prepared):
             if p["calibration_source"] == "held out of training":
                 self.progress(f"  {task.name}: no rows beyond max_train_examples; {p['splits']['calibration']['rows']} "
                               f"training rows held out as the calibration slice for decision thresholds")
-        # The one evaluation in flight, recorded once the next task's training has run: first the
-        # untrained baseline, then task t's row while task t+1 trains.
-        pending = self._pending(None, self.launch("baseline/evaluate", lambda _: stages.evaluate.options(**opts).remote(
-            cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / "baseline.json"),
-            untrained=True)))
+        # Evaluations in flight, recorded once the next training has run: first the untrained
+        # baseline of the tasks that have none yet (all of them, or those appended), then task t's
+        # row while task t+1 trains.
+        first = self._baseline_covered()
+        pending: list[PendingEvaluation] = []
+        if first < len(cfg.tasks):
+            key, name = ("baseline/evaluate", "baseline") if first == 0 else \
+                (f"baseline/evaluate-from-task{first}", f"baseline-from-task{first}")
+            pending += self._pending(None, self.launch(key, lambda _: stages.evaluate.options(**opts).remote(
+                cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / f"{name}.json"),
+                untrained=True, first=first, progress=self._progress_file(key)),
+                [(j, "test") for j in range(first, len(cfg.tasks))]))
 
         parent_bank, plans = None, cfg.method.build().plans_tasks
         for t, task in enumerate(cfg.tasks):
@@ -229,11 +262,15 @@ class Driver:
                     cfg, t, base, parent_bank, data[t], plan_dir))["path"]
             # Task t before its training (FwT), on what the earlier tasks left: runs beside the training.
             before = t and self.launch(f"task{t}/before", lambda _, t=t: stages.evaluate_before.options(**opts).remote(
-                cfg, t, base, start_bank, data[t], str(self.run_dir / "eval" / f"task{t}.before.json")))
-            trained = self.stage(f"task{t}/train", lambda child, t=t: stages.train(
+                cfg, t, base, start_bank, data[t], str(self.run_dir / "eval" / f"task{t}.before.json")), [(t, "test")])
+            training = self.launch(f"task{t}/train", lambda child, t=t: stages.train(
                 cfg, t, base, data, start_bank, self.run_dir / "ray_train",
-                child and {"tracking_uri": self.tracking_uri, "run_id": child}))
-            self._record(pending)  # here, not at the end, so that a later crash cannot cost it
+                child and {"tracking_uri": self.tracking_uri, "run_id": child}, self._progress_file(f"task{t}/train")),
+                [(t, "train")])
+            trained = self.settle(training)
+            # Here, not at the end, so that a later crash cannot cost them; a training done earlier
+            # overlapped nothing, so what still runs stays in flight beside the next one.
+            pending = self._record_pending(pending, wait=training.result is not None)
             if before:
                 self.settle(before)
             bank_dir = str(self.run_dir / "banks" / f"task{t}-{task.name}")
@@ -242,24 +279,31 @@ class Driver:
             if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
                 raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                    f"start the run again in a new storage folder")
-            pending = self._pending(t, self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(
-                **opts).remote(cfg, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"))))
+            self._prune_train_checkpoints(t)
+            pending += self._pending(t, self.launch(f"task{t}/evaluate", lambda _, t=t: stages.evaluate.options(
+                **opts).remote(cfg, t, base, bank_dir, data, str(self.run_dir / "eval" / f"task{t}.json"),
+                               progress=self._progress_file(f"task{t}/evaluate")), [(j, "test") for j in range(t + 1)]))
             parent_bank = bank_dir
-        self._record(pending)
+        self._record_pending(pending, wait=True)
         return self._report(wall)
 
-    def _pending(self, task: int | None, launched: LaunchedStage) -> PendingEvaluation | None:
+    def _pending(self, task: int | None, launched: LaunchedStage) -> list[PendingEvaluation]:
         """An evaluation to record later; without overlap it is recorded now (a Tune scheduler
         wants task t's row before task t+1 trains) and nothing is pending."""
         pending = PendingEvaluation(task, launched)
         if self.overlap_eval:
-            return pending
+            return [pending]
         self._record(pending)
-        return None
+        return []
 
-    def _record(self, pending: PendingEvaluation | None) -> None:
-        if pending is None:
-            return
+    def _record_pending(self, pending: list[PendingEvaluation], wait: bool) -> list[PendingEvaluation]:
+        """Records the pending evaluations in order (waiting for them), or without `wait` those
+        before the first one still running; returns the rest."""
+        while pending and (wait or pending[0].stage.outputs is not None):
+            self._record(pending.pop(0))
+        return pending
+
+    def _record(self, pending: PendingEvaluation) -> None:
         row = self.settle(pending.stage)
         if pending.task is not None:
             self._evaluated(pending.task, row)
@@ -274,12 +318,32 @@ class Driver:
             done = self.ledger.outputs(f"task{t}/bank")
             problem = done and stages.verify_bank(done["path"])
             if problem:
-                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from its training output")
+                # Train checkpoints are removed once the bank is durable: then the task trains again
+                # (deterministically, from the same parent bank).
+                retrain = not Path(self.ledger.outputs(f"task{t}/train")["tensors"]).exists()
+                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from "
+                              f"{'a new training' if retrain else 'its training output'}")
                 self.expected_bank_sha[t] = done["sha256"]
-                self.ledger.forget([f"task{t}/bank"])
+                self.ledger.forget([f"task{t}/train"] * retrain + [f"task{t}/bank"])
+            elif done:
+                self._prune_train_checkpoints(t)  # a crash may have come between the bank and the removal
+
+    def _prune_train_checkpoints(self, t: int) -> None:
+        """Task t's bank is durable: its train stage's Ray Train checkpoints are dead state."""
+        shutil.rmtree(self.run_dir / "ray_train" / stages.train_run_name(self.cfg, t), ignore_errors=True)
+
+    def _baseline_stages(self) -> list[dict]:
+        """The done untrained-baseline evaluations, in task order (one per time tasks were appended)."""
+        done = [v["outputs"] for k, v in self.ledger.data["stages"].items() if k.startswith("baseline/evaluate")]
+        return sorted(done, key=lambda out: out.get("first", 0))
+
+    def _baseline_covered(self) -> int:
+        """How many tasks (from the first) have an untrained baseline."""
+        return sum(len(out["rows"]["oracle"]["accuracy"]) for out in self._baseline_stages())
 
     def _evaluated(self, t: int, row: dict) -> None:
         self._log_row(t, row)
+        self._tracked(lambda: self.tracker.describe(self.parent, self._description(t + 1)))
         if self.on_evaluated:
             self.on_evaluated(t, row)
 
@@ -294,20 +358,36 @@ class Driver:
                                 for j, s in enumerate(values["strip_rate_calibrated"])})
             self._tracked(lambda: self.tracker.log(self.parent, metrics, step=t))
 
+    def _so_far(self, k: int) -> tuple[list[dict], np.ndarray, dict[str, np.ndarray], dict[str, dict], dict[str, np.ndarray]]:
+        """The first k tasks' evaluate rows, baseline, accuracy matrices, summaries and accuracies
+        before training (NaN for task 0), per mode."""
+        rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(k)]
+        base = np.concatenate([out["rows"]["oracle"]["accuracy"] for out in self._baseline_stages()])[:k] * 100
+        before_rows = [self.ledger.outputs(f"task{t}/before")["rows"] for t in range(1, k)]
+        before = {mode: np.array([np.nan] + [100 * row[mode]["accuracy"] for row in before_rows]) for mode in rows[-1]}
+        matrices = {mode: accuracy_matrix([row[mode]["accuracy"] for row in rows], k) for mode in rows[-1]}
+        summary = {mode: cl_summary(R, base, before[mode]) for mode, R in matrices.items()}
+        return rows, base, matrices, summary, before
+
+    def _description(self, k: int) -> str:
+        """The parent run's description: the accuracy matrix and summary after k of the tasks."""
+        names = [t.name for t in self.cfg.tasks]
+        _, base, matrices, summary, _ = self._so_far(k)
+        s = summary["oracle"]
+        # The summary first: the UI shows the first lines of a description until "Show more".
+        return (f"**{self.cfg.run_id}**: method `{self.cfg.method.name}`, {k} of {len(names)} tasks trained "
+                f"({', '.join(names)}).\n\n**AA {s['AA']:.1f} · BwT {s['BwT']:+.1f} · FwT {s['FwT']:+.1f} · "
+                f"forgetting {s['forgetting']:.1f}**\n\nAccuracy (%, oracle task id); rows: after training each task\n\n"
+                f"{markdown_matrix(matrices['oracle'], names[:k], base)}")
+
     def _report(self, wall_start: float) -> RunResult:
         cfg, names = self.cfg, [t.name for t in self.cfg.tasks]
         n = len(names)
-        rows = [self.ledger.outputs(f"task{t}/evaluate")["rows"] for t in range(n)]
-        base = np.array(self.ledger.outputs("baseline/evaluate")["rows"]["oracle"]["accuracy"]) * 100
-        before_rows = [self.ledger.outputs(f"task{t}/before")["rows"] for t in range(1, n)]
-        before = {mode: np.array([np.nan] + [100 * row[mode]["accuracy"] for row in before_rows])
-                  for mode in rows[-1]}
+        rows, base, matrices, summary, before = self._so_far(n)
         # Optimizer steps (not micro batches): the budget every method gets per task.
         steps_per_task = [self.ledger.outputs(f"task{t}/train")["steps"] // cfg.training.grad_accum for t in range(n)]
-        matrices, summary, strip, strip_calibrated = {}, {}, {}, {}
+        strip, strip_calibrated = {}, {}
         for mode in rows[-1]:
-            matrices[mode] = accuracy_matrix([row[mode]["accuracy"] for row in rows], n)
-            summary[mode] = cl_summary(matrices[mode], base, before[mode])
             strip[mode] = [100 * s for s in rows[-1][mode]["strip_rate"]]
             strip_calibrated[mode] = [100 * s for s in rows[-1][mode]["strip_rate_calibrated"]]
         report_dir = self.run_dir / "report"

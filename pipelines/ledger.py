@@ -26,8 +26,18 @@ class Ledger:
                 raise ValueError(f"{self.path}: belongs to a run with another config "
                                  f"({self.data['config_hash'][:10]} vs {config_hash[:10]})")
         else:
-            self.data = {"config_hash": config_hash, "stages": {}, "meta": {}}
+            self.data = {"config_hash": config_hash, "stages": {}, "meta": {}, "tasks": []}
             self._write()
+
+    @property
+    def tasks(self) -> list[dict]:
+        """The records of the tasks the run has started (pipelines.sequence), in order."""
+        return self.data.get("tasks", [])
+
+    def set_tasks(self, records: list[dict]) -> None:
+        """Record the run's task list; the caller has checked that it only appends (check_extends)."""
+        self.data["tasks"] = records
+        self._write()
 
     def _write(self) -> None:
         atomic_write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))

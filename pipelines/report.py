@@ -144,3 +144,12 @@ def format_matrix(
 
     header = line("stage", list(task_names))
     return "\n".join([header, *(line(name, row) for name, row in zip(row_names, cells))])
+
+
+def markdown_matrix(R: FloatArray, task_names: Sequence[str], baseline: FloatArray | None = None) -> str:
+    """``R`` (in points) as a Markdown table, as ``format_matrix`` lays it out (an ``untrained``
+    row first when ``baseline`` is given); for MLflow's run description."""
+    lines = format_matrix(R, task_names, baseline, scale=1.0).splitlines()
+    cells = [line.split() for line in lines]
+    header = ["after training", *cells[0][1:]]
+    return "\n".join(["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *cells[1:]]])

@@ -309,7 +309,8 @@ def plan_concurrency(search: SearchConfig, cluster_cpus: float) -> int:
 
 
 def search_id(base_cfg: RunConfig, search: SearchConfig) -> str:
-    payload = json.dumps({"run": base_cfg.identity_hash(), "search": search.identity()}, sort_keys=True)
+    payload = json.dumps({"run": base_cfg.identity_hash(), "tasks": [t.model_dump() for t in base_cfg.tasks],
+                          "search": search.identity()}, sort_keys=True)
     return f"{base_cfg.name}-search-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 

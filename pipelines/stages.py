@@ -25,6 +25,7 @@ from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.calibration import save_thresholds, task_thresholds
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared, prepare_task
+from pipelines.progress import StageProgress
 
 # Ray Train reports block ~1.9 s each with the default health-check interval; 0.1 s makes it ~0.08 s.
 # A train stage's workers wait for the previous task's evaluation to free its CPUs/GPUs: give them
@@ -70,8 +71,13 @@ def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
 
 
+def train_run_name(cfg: RunConfig, task: int) -> str:
+    """The Ray Train run (its folder under the storage path) of task `task`'s train stage."""
+    return f"{cfg.run_id}-task{task}"
+
+
 def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
-          storage_path: Path, tracking: dict | None) -> dict:
+          storage_path: Path, tracking: dict | None, progress: str | None = None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
     resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
@@ -82,11 +88,11 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"run_config": cfg, "task": task, "base_model": base,
-                           "data": data_paths, "parent_bank": parent_bank, "mlflow": tracking,
+                           "data": data_paths, "parent_bank": parent_bank, "mlflow": tracking, "progress": progress,
                            "threads": cfg.ray.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=TrainRunConfig(name=f"{cfg.run_id}-task{task}", storage_path=str(storage_path),
+        run_config=TrainRunConfig(name=train_run_name(cfg, task), storage_path=str(storage_path),
                                   failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -186,14 +192,15 @@ def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, d
 
 @ray.remote
 def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
-             out_file: str, untrained: bool = False) -> dict:
-    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
+             out_file: str, untrained: bool = False, first: int = 0, progress: str | None = None) -> dict:
+    """Accuracy and strip rate on every task first..upto: one row of the accuracy matrix per mode.
 
     `strip_rate` picks its thresholds on the test split (an upper bound); `strip_rate_calibrated`
     and `precision_calibrated` apply the thresholds chosen on the calibration slices, which are
     stored beside the bank for `clpipe predict` and `clpipe serve`.
 
-    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline).
+    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline); `first`
+    > 0 there evaluates only tasks appended to a run whose earlier tasks have their baseline.
     """
     start = time.perf_counter()
     _threads()
@@ -205,18 +212,23 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
     stage.model.to(_device(cfg))
     modes = ["oracle"] if untrained else eval_modes(cfg, stage.method)  # untrained experts: routing is moot
     rows, chosen = {}, {}
+    tests = {t: load_prepared(data_paths[t], "test") for t in range(first, upto + 1)}
+    meter, done = StageProgress(progress, len(modes) * sum(map(len, tests.values())), "examples"), 0
     for mode in modes:
         # Thresholds from each task's calibration slice (none for the untrained baseline, which has no bank).
         chosen[mode] = [None if untrained else task_thresholds(stage, cfg, t, data_paths[t], mode)
                         for t in range(upto + 1)]
-        results = [evaluate_task(stage.model, stage.objective, stage.method, load_prepared(data_paths[t], "test"),
-                                 cfg.eval.batch_size, mode, cfg.eval.target_precision, chosen[mode][t])
-                   for t in range(upto + 1)]
+        results = []
+        for t, examples in tests.items():
+            results.append(evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
+                                         mode, cfg.eval.target_precision, chosen[mode][t]))
+            done += len(examples)
+            meter.update(done)
         rows[mode] = {key: [r.get(key) for r in results]
                       for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
     if not untrained:
         save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    out = {"rows": rows, "first": first, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
 

@@ -12,13 +12,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from pipelines.config import TaskConfig
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 SEQUENCE, SEARCH = "sequence", "search"  # clpipe.kind of a task sequence's run and of a Tune search's run
+
+
+# MLflow 3 opens an experiment in its GenAI view (traces) unless this tag says it trains models
+# (the runs list, charts and comparisons); the UI's experiment-type selector sets the same tag.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION = "mlflow.note.content"  # what the UI shows and edits as a run's description
 
 
 class TrackingError(RuntimeError):
@@ -64,9 +74,12 @@ class Tracker:
             if found is None:
                 # With the local sqlite default, artifacts live next to the database.
                 location = (Path(storage).resolve() / "mlartifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags={EXPERIMENT_KIND: MODEL_TRAINING})
             else:
                 self.experiment_id = found.experiment_id
+                if EXPERIMENT_KIND not in found.tags:  # a store from before; a kind chosen in the UI stays
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         except Exception as e:
             raise TrackingError(f"MLflow at {tracking_uri} is not reachable or not usable: {e}") from e
 
@@ -89,7 +102,12 @@ class Tracker:
         return run.info.run_id
 
     def parent_run(self, run_id: str, config: dict) -> str:
-        return self._reopen_or_create(run_id, {"clpipe.run_id": run_id, "clpipe.kind": SEQUENCE}, flatten(config))
+        """The sequence's run. Its task list is a tag, not params: params cannot change, and a run
+        can have tasks appended."""
+        params = flatten({k: v for k, v in config.items() if k != "tasks"})
+        run = self._reopen_or_create(run_id, {"clpipe.run_id": run_id, "clpipe.kind": SEQUENCE}, params)
+        self.client.set_tag(run, "clpipe.tasks", ", ".join(t["name"] for t in config["tasks"]))
+        return run
 
     def search_run(self, search_id: str, params: dict[str, str], base_run_id: str) -> str:
         """A Tune search's run; its trials' sequence runs nest under it (see `nest`)."""
@@ -127,6 +145,33 @@ class Tracker:
 
     def tag(self, run: str, key: str, value: str) -> None:
         self.client.set_tag(run, key, value)
+
+    def describe(self, run: str, markdown: str) -> None:
+        self.client.set_tag(run, DESCRIPTION, markdown)
+
+    def datasets(self, run: str, inputs: list[tuple[TaskConfig, str, str]]) -> None:
+        """Log prepared splits as the run's dataset inputs: (task, prepared folder, split) each, with
+        name `<task>/<split>`, the source the rows came from, digest, rows and schema."""
+        import datasets
+        from mlflow.data.huggingface_dataset import from_huggingface
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        entries = []
+        for task, prepared, split in inputs:
+            rows = datasets.load_from_disk(str(Path(prepared) / split))
+            if task.data.hub is not None:
+                hub = task.data.hub
+                source = HuggingFaceDatasetSource(path=hub.dataset, config_name=hub.config,
+                                                  split=getattr(hub, f"{split}_split"))
+            else:  # the file the rows were read from; generated rows: the prepared folder
+                source = getattr(task.data, split) or str(Path(prepared) / split)
+            with warnings.catch_warnings():  # hints about schema inference and source resolution, on every stage
+                warnings.simplefilter("ignore")
+                dataset = from_huggingface(rows, source=source, name=f"{task.name}/{split}", targets="label")
+            context = "training" if split == "train" else "evaluation"
+            # MlflowClient.log_inputs takes entities; mlflow.log_input converts the same way, for the active run only.
+            entries.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        self.client.log_inputs(run, datasets=entries)
 
     def artifact(self, run: str, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(run, str(path), folder)

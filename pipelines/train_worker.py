@@ -24,6 +24,7 @@ from cl_core.training import Learner, build_optimizer, to_device
 from pipelines.assembly import build_stage
 from pipelines.config import RunConfig
 from pipelines.data import load_prepared
+from pipelines.progress import StageProgress
 
 ENGINE_TAG = "engine"
 BANK_TENSORS = "bank_tensors.safetensors"
@@ -107,6 +108,21 @@ def _gathered_bank_tensors(engine, learner: Learner, zero_stage: int) -> dict[st
         return {k: v.detach().clone().cpu() for k, v in model.bank_state_dict().items()}
 
 
+def checkpoint_only_trainable(learner: torch.nn.Module) -> None:
+    """Make the learner's state_dict, which DeepSpeed's checkpoint saves, hold no frozen parameter.
+
+    DeepSpeed's `exclude_frozen_parameters` drops the names `named_parameters()` yields, and that
+    yields a tied weight once: its other name stayed (SmolLM2's tied lm_head, 113 MB of each 119 MB
+    checkpoint). Resuming needs only the trainable tensors, the optimizer and the RNG state."""
+    frozen = [n for n, p in learner.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop_frozen(module, state, prefix, local_metadata):
+        for name in frozen:
+            state.pop(prefix + name, None)
+
+    learner.register_state_dict_post_hook(drop_frozen)
+
+
 def train_loop(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -123,6 +139,7 @@ def train_loop(config: dict) -> None:
     stage = build_stage(cfg, config["base_model"], config.get("parent_bank") and Path(config["parent_bank"]),
                         setup_task=task)
     learner = Learner(stage.model, stage.objective, stage.method)
+    checkpoint_only_trainable(learner)
     optimizer = build_optimizer(learner, cfg.training.lr)
     ds_config = deepspeed_config(cfg, max(p.numel() for p in stage.model.bank_parameters()))
     engine, _, _, _ = deepspeed.initialize(model=learner, optimizer=optimizer, config=ds_config,
@@ -148,6 +165,7 @@ def train_loop(config: dict) -> None:
                                             if k.startswith("state.")}
             torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
 
+    meter = StageProgress(config.get("progress") if rank == 0 else None, len(schedule), "step", first=start)
     tracker = config.get("mlflow")
     client = None
     if tracker and rank == 0:
@@ -155,8 +173,9 @@ def train_loop(config: dict) -> None:
         client = MlflowClient(tracker["tracking_uri"])
     device = engine.device
     every = cfg.training.checkpoint_every
-    pending, started, checkpoint_s = [], time.perf_counter(), 0.0
+    pending, started, checkpoint_s, tokens = [], time.perf_counter(), 0.0, 0.0
     for step in range(start, len(schedule)):
+        step_start = time.perf_counter()
         batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
         # The method's costly figures on logged steps; not under ZeRO-3, where their extra backward
         # would reach base weights already released to their partitions.
@@ -167,10 +186,13 @@ def train_loop(config: dict) -> None:
         engine.step()
         if boundary:  # an optimizer step happened
             stage.method.after_step(stage.model)
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        logs["loss"] = float(mean) / world
+        totals = torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])  # over all ranks
+        dist.all_reduce(totals)
+        logs["loss"] = float(totals[0]) / world
+        logs["tokens_per_s"] = float(totals[1]) / (time.perf_counter() - step_start)
+        tokens += float(totals[1])
         done = step + 1
+        meter.update(done, loss=logs["loss"], tokens_per_s=tokens / (time.perf_counter() - started - checkpoint_s))
         pending.append((done, logs))
         last = done == len(schedule)
         if client is not None and (done % LOG_EVERY == 0 or last):

@@ -1,7 +1,9 @@
 """The pipeline end to end on a tiny model: Ray stages, DeepSpeed ZeRO, MLflow, durable resume."""
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +17,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from benchmarks.pipeline_overhead import storage_figures
 from pipelines.config import ConfigError, parse_config
 from pipelines.driver import Driver, check_cluster
+from pipelines.progress import ProgressBoard
 from pipelines.tracking import default_tracking_uri
 from tests.conftest import tiny_run
 
@@ -308,3 +312,54 @@ def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
     time.sleep(1)
     server_left = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port}" not in server_left
+
+
+def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp_path, zero2_run):
+    import shutil
+
+    cfg, storage, result = zero2_run
+    assert not list((result.run_dir / "ray_train").glob("*/checkpoint_*"))  # banks durable: checkpoints gone
+    shutil.copytree(storage, tmp_path / "s")
+    three = parse_config(tiny_run("seq", tasks=3))
+    assert three.run_id == cfg.run_id
+    messages, console = [], io.StringIO()
+    board = ProgressBoard(tmp_path / "s" / cfg.run_id, console, interval=0, poll=0.1)
+    try:
+        extended = Driver(three, tmp_path / "s", messages.append, board=board).run()
+    finally:
+        board.close()
+    lines = console.getvalue().splitlines()
+    assert any(re.fullmatch(r"  task2/train +step [1-6]/6  loss \d+\.\d{4}  \d+ tok/s  elapsed 0:\d\d( +ETA 0:\d\d)?",
+                            line) for line in lines), lines
+    # the appended task's baseline runs beside its training (and is recorded after it)
+    assert "baseline/evaluate-from-task2 examples 24/24" in "\n".join(" ".join(line.split()) for line in lines)
+    ran = {m.split()[0] for m in messages if m.endswith("running")}
+    assert ran == {"task2/prepare", "baseline/evaluate-from-task2", "task2/train", "task2/bank", "task2/evaluate"}
+    R = extended.matrices["oracle"]
+    assert np.array_equal(R[:2, :2], result.matrices["oracle"], equal_nan=True) and not np.isnan(R[2]).any()
+    assert np.array_equal(extended.baseline[:2], result.baseline) and len(extended.baseline) == 3
+    assert not list((extended.run_dir / "ray_train").glob("*/checkpoint_*"))
+    assert storage_figures(extended.run_dir, 3)["storage_target_met"]  # ≤ 1.2 × banks + evaluation rows
+    client = MlflowClient(default_tracking_uri(tmp_path / "s"))
+    runs = client.search_runs([client.get_experiment_by_name("clpipe").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
+    assert len(parents) == 1 and parents[0].data.tags["clpipe.tasks"] == "task0, task1, task2"
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 15
+    assert client.get_experiment_by_name("clpipe").tags["mlflow.experimentKind"] == "custom_model_development"
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "3 of 3 tasks trained" in note and "| task2 | " in note and f"AA {extended.summary['oracle']['AA']:.1f}" in note
+    stage_runs = {r.data.tags.get("clpipe.stage"): r for r in runs}
+    train_input = stage_runs["task2/train"].inputs.dataset_inputs
+    assert [(d.dataset.name, json.loads(d.dataset.profile)["num_rows"]) for d in train_input] == [("task2/train", 48)]
+    assert len(train_input[0].dataset.digest) >= 8
+    assert sorted(d.dataset.name for d in stage_runs["task2/evaluate"].inputs.dataset_inputs) == \
+        ["task0/test", "task1/test", "task2/test"]
+    train2 = stage_runs["task2/train"].info.run_id
+    for key in ("train/loss", "train/tokens_per_s"):  # per-step curves in the stage's child run
+        assert sorted(m.step for m in client.get_metric_history(train2, key)) == [1, 2, 3, 4, 5, 6]
+    status = subprocess.run(CLPIPE + ["status", cfg.run_id, "--storage", str(tmp_path / "s")], capture_output=True,
+                            text=True, cwd=REPO)
+    lines = [line.split() for line in status.stdout.splitlines() if line.startswith("  task")]
+    assert [line[:3] for line in lines] == [["task0", "task0", "trained"], ["task1", "task1", "trained"],
+                                            ["task2", "task2", "trained"]]
+    assert lines[0][3] <= lines[1][3] <= lines[2][3]  # dates, in order
