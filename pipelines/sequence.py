@@ -13,20 +13,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from pathlib import Path
 
+from cl_core.bank import sha256_file
 from pipelines.config import ConfigError, RunConfig, TaskConfig
 
 
 class SequenceError(ConfigError):
     """The task list no longer extends what the run already started."""
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def task_record(task: TaskConfig) -> dict:
@@ -35,7 +29,7 @@ def task_record(task: TaskConfig) -> dict:
     config = task.model_dump(mode="json")
     for split in ("train", "test"):
         if config["data"][split] is not None:
-            config["data"][split] = {"sha256": file_sha256(config["data"][split])}
+            config["data"][split] = {"sha256": sha256_file(Path(config["data"][split]))}
     return {"name": task.name, "config": config}
 
 
