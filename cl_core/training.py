@@ -113,9 +113,10 @@ def routing_for_eval(model: ContinualModel, method, batch: dict, task_id_mode: s
 
 @torch.no_grad()
 def predict_probs(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
-                  task_id_mode: str = "oracle") -> torch.Tensor:
+                  task_id_mode: str = "oracle", on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """[n, C] label probabilities of one task's encoded examples, in order and batches of
-    `batch_size`: what evaluation scores and what `clpipe predict` answers with."""
+    `batch_size`: what evaluation scores and what `clpipe predict` answers with. `on_batch(done)`
+    after each batch, with the examples done so far (progress lines)."""
     model.eval()
     device = next(model.parameters()).device
     probs = []
@@ -124,12 +125,15 @@ def predict_probs(model: ContinualModel, objective, method, examples: list[dict]
         batch = to_device(collate_prompts(chunk, objective.pad_id), device)
         fields = routing_for_eval(model, method, batch, task_id_mode)
         probs.append(objective.predict(model, chunk, fields).cpu())
+        if on_batch is not None:
+            on_batch(start + len(chunk))
     return torch.cat(probs)
 
 
 def evaluate_task(model: ContinualModel, objective, method, examples: list[dict], batch_size: int = 16,
                   task_id_mode: str = "oracle", target_precision: float = 0.9,
-                  thresholds: list[float | None] | None = None) -> dict:
+                  thresholds: list[float | None] | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> dict:
     """Accuracy and strip rate of the model on one task's encoded examples, and whether each
     example was answered correctly (for intervals over test examples).
 
@@ -137,7 +141,7 @@ def evaluate_task(model: ContinualModel, objective, method, examples: list[dict]
     in advance (see `calibrated_thresholds`), also what they decide: `strip_rate_calibrated` and
     `precision_calibrated`.
     """
-    p = predict_probs(model, objective, method, examples, batch_size, task_id_mode).numpy().astype(np.float64)
+    p = predict_probs(model, objective, method, examples, batch_size, task_id_mode, on_batch).numpy().astype(np.float64)
     y = np.array([ex["label"] for ex in examples])
     correct = p.argmax(1) == y
     out = {"accuracy": float(correct.mean()), "strip_rate": strip_rate(p, y, target_precision).macro,

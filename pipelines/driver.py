@@ -245,6 +245,8 @@ class Driver:
         # row while task t+1 trains.
         first = self._baseline_covered()
         pending: list[PendingEvaluation] = []
+        for key in [k for k in self.ledger.data["stages"] if k.startswith("baseline/evaluate")]:
+            self.launch(key, lambda _: None)  # done earlier (never runs): reconciles its MLflow run
         if first < len(cfg.tasks):
             key, name = ("baseline/evaluate", "baseline") if first == 0 else \
                 (f"baseline/evaluate-from-task{first}", f"baseline-from-task{first}")

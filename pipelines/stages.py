@@ -221,9 +221,9 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, d
         results = []
         for t, examples in tests.items():
             results.append(evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
-                                         mode, cfg.eval.target_precision, chosen[mode][t]))
+                                         mode, cfg.eval.target_precision, chosen[mode][t],
+                                         on_batch=lambda n, before=done: meter.update(before + n)))
             done += len(examples)
-            meter.update(done)
         rows[mode] = {key: [r.get(key) for r in results]
                       for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
     if not untrained:

@@ -334,7 +334,8 @@ def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp
     # the appended task's baseline runs beside its training (and is recorded after it)
     assert "baseline/evaluate-from-task2 examples 24/24" in "\n".join(" ".join(line.split()) for line in lines)
     ran = {m.split()[0] for m in messages if m.endswith("running")}
-    assert ran == {"task2/prepare", "baseline/evaluate-from-task2", "task2/train", "task2/bank", "task2/evaluate"}
+    assert ran == {"task2/prepare", "baseline/evaluate-from-task2", "task2/before", "task2/train", "task2/bank",
+                   "task2/evaluate"}
     R = extended.matrices["oracle"]
     assert np.array_equal(R[:2, :2], result.matrices["oracle"], equal_nan=True) and not np.isnan(R[2]).any()
     assert np.array_equal(extended.baseline[:2], result.baseline) and len(extended.baseline) == 3
