@@ -11,7 +11,7 @@ which would add minutes per run and change no number. Each finished (sequence, v
 to `benchmarks/results/moe_cl_shared.json` at once, with its accuracy matrix and per-example
 correctness, and skipped when the command runs again (the budget is `benchmarks.cl_quality`'s
 Budget; the test examples default to 100 here to keep the sweep to minutes per run). Differences against `lr1` (the shared
-expert at the experts' learning rate, the earlier default) are paired bootstrap intervals over
+expert at the experts' learning rate, the default) are paired bootstrap intervals over
 the same test examples.
 """
 

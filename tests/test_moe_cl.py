@@ -292,7 +292,7 @@ def _probe_loss_after_training(adv_weight: float) -> tuple[float, float]:
     fmt0, ex0 = synthetic_task(tok, 0, 96, seed=1)
     fmt1, ex1 = synthetic_task(tok, 1, 96, seed=2, labels=("w3", "w4", "w5"))
     objective, examples = LMObjective(tok, [fmt0, fmt1]), [ex0, ex1]
-    method = build_method("moe_cl", adv_weight=adv_weight, adv_warmup_steps=0, feature_memory=32)
+    method = build_method("moe_cl", adv_weight=adv_weight, adv_warmup_steps=0, feature_memory=32, shared_lr_scale=0.1)
     learner = Learner(model, objective, method)
     for t in (0, 1):
         method.setup_task(model, t)

@@ -60,7 +60,7 @@ class MoECLParams(MethodParams):
     adv_weight: float = Field(0.1, ge=0)
     adv_warmup_steps: int = Field(4, ge=0)
     feature_memory: int = Field(64, ge=0)  # pooled shared features kept per earlier task and layer
-    shared_lr_scale: float = Field(0.1, gt=0)
+    shared_lr_scale: float = Field(1.0, gt=0)  # measured: see README, MoE-CL
     shared_weight_decay: float = Field(0.0, ge=0)
     shared_anchor: Literal["none", "l2", "fisher"] = "none"
     shared_anchor_weight: float = Field(0.0, ge=0)
