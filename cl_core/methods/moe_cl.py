@@ -10,7 +10,7 @@ and this file controls its drift:
 - `shared_ema` > 0: the bank keeps an exponential moving average of it over training steps.
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
-the attention-masked mean of the shared expert's output. D descends on its cross-entropy over the
+the attention-masked mean of what the shared expert adds to the FFN. D descends on its cross-entropy over the
 current task's features (detached) and remembered features of earlier tasks (`feature_memory`
 pooled vectors per task and layer, never text): without them every sample carries the current
 task's id and D learns "always the current task". The shared expert plays the other side with a
