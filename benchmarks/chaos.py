@@ -4,7 +4,8 @@
 
 Runs a 3-task tiny sequence once straight through (the reference), then again in a fresh
 storage folder where the driver is SIGKILLed (with the local Ray it started) at `--kills`
-moments drawn at random from: during prepare, mid-train, during the bank write, during eval.
+moments drawn at random from: during prepare, during the evaluation of a task before its
+training, mid-train, during the bank write, during eval.
 After each kill the same command is run again. At the end it compares the final accuracy
 matrix and the MLflow runs with the reference and prints on its last line
 {"kills": N, "identical": true|false, "duplicate_mlflow_runs": k, "lost_stages": k, "extension": {…}}:
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-MOMENTS = ("prepare", "train", "bank", "evaluate")
+MOMENTS = ("prepare", "before", "train", "bank", "evaluate")
 
 
 def chaos_config(tasks: int = 3) -> dict:
@@ -72,8 +73,9 @@ def run_to_end(config: Path, storage: Path) -> None:
 
 def stage_order(tasks: int) -> list[str]:
     """Stage keys in the order the driver runs them."""
+    per_task = [[*(["before"] if t else []), "train", "bank", "evaluate"] for t in range(tasks)]  # task 0 has no "before"
     return ["model", *[f"task{t}/prepare" for t in range(tasks)], "baseline/evaluate",
-            *[f"task{t}/{s}" for t in range(tasks) for s in ("train", "bank", "evaluate")]]
+            *[f"task{t}/{s}" for t in range(tasks) for s in per_task[t]]]
 
 
 def kill_plan(kills: int, tasks: int, rng: random.Random) -> list[str]:
@@ -136,7 +138,8 @@ def extension_case(work: Path, run_id: str, kills: int, rng: random.Random, say)
     shutil.copytree(storage, uninterrupted)
     run_to_end(three, uninterrupted)
     say("2-task run and its uninterrupted extension done")
-    new_stages = ["task2/prepare", "baseline/evaluate-from-task2", "task2/train", "task2/bank", "task2/evaluate"]
+    new_stages = ["task2/prepare", "baseline/evaluate-from-task2", "task2/before", "task2/train", "task2/bank",
+                  "task2/evaluate"]
     plan = sorted(rng.sample(new_stages, min(kills, len(new_stages))), key=new_stages.index)
     killed, lost = kill_each(three, storage, storage / run_id, plan, rng, say)
     run_to_end(three, storage)

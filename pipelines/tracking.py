@@ -165,12 +165,15 @@ class Tracker:
                                                   split=getattr(hub, f"{split}_split"))
             else:  # the file the rows were read from; generated rows: the prepared folder
                 source = getattr(task.data, split) or str(Path(prepared) / split)
-            with warnings.catch_warnings():  # hints about schema inference and source resolution, on every stage
+            # Hints about schema inference and source resolution, on every stage; the schema is
+            # inferred when the entity is made, so that is inside too.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 dataset = from_huggingface(rows, source=source, name=f"{task.name}/{split}", targets="label")
+                # MlflowClient.log_inputs takes entities; mlflow.log_input converts the same way, for the active run only.
+                entity = dataset._to_mlflow_entity()
             context = "training" if split == "train" else "evaluation"
-            # MlflowClient.log_inputs takes entities; mlflow.log_input converts the same way, for the active run only.
-            entries.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+            entries.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         self.client.log_inputs(run, datasets=entries)
 
     def artifact(self, run: str, path: Path, folder: str | None = None) -> None:
