@@ -119,10 +119,11 @@ class MoECL(Method):
             labels = torch.cat([labels, model.method_state["memory_tasks"]])
         return x, labels
 
-    def _ramp(self, model: ContinualModel) -> float:
+    def _ramp(self, model: ContinualModel) -> torch.Tensor | float:
         if not self.params.adv_warmup_steps:
             return 1.0
-        return min(1.0, (int(model.method_state["adv_steps"]) + 1) / self.params.adv_warmup_steps)
+        # A tensor, so that a GPU step does not wait on reading the counter back.
+        return ((model.method_state["adv_steps"] + 1).float() / self.params.adv_warmup_steps).clamp(max=1.0)
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         losses = {}
