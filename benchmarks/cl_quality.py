@@ -164,7 +164,7 @@ def run_one(label: str, sequence: str, tasks: list[str], seed: int, data: Path, 
         "steps_per_task": getattr(result, "steps_per_task", None),
         "n_test": [len(cell) for cell in examples["oracle"][-1]],
         "trainable_params": bank_size(result.run_dir, len(tasks)),
-        "wall_s": round(sum(result.stage_seconds.values()), 1),
+        "wall_s": round(result.busy_s, 1),
         "oracle": METHODS[method_of(label)[0]].method.oracle,
     }
     return row, {mode: encode(c) for mode, c in examples.items() if c is not None}

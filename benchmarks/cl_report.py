@@ -170,7 +170,7 @@ def write_report(out: Path, budget, rows: list[dict], summary: dict) -> None:
         f"({budget.train_examples} training examples, batch {b['batch_size']}, 1 epoch), LoRA rank {b['rank']}, "
         f"lr {b['lr']:g}, max length {b['max_length']}, up to {b['test_examples']} test examples per task (the "
         f"whole split where smaller). Seeds run: {', '.join(map(str, seeds)) or 'none yet'}. {len(rows)} runs, "
-        f"{wall / 3600:.2f} h of stage time in all (last written on {platform.machine()} with {os.cpu_count()} CPUs).",
+        f"{wall / 3600:.2f} h of run time in all (stages in flight) (last written on {platform.machine()} with {os.cpu_count()} CPUs).",
         "",
         "Figures in points: mean over seeds [95% interval: bootstrap over test examples, and over seeds "
         "where there are several]. Pairwise rows are paired (same seeds, same test examples); the verdict is "

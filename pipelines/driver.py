@@ -67,8 +67,9 @@ class RunResult:
     summary: dict[str, dict[str, float]]  # mode → AA/BwT/FwT/forgetting/learning_gain
     strip: dict[str, list[float]]  # mode → final strip rate per task, thresholds chosen on the test split
     tracking_uri: str
-    wall_s: float
+    wall_s: float  # this invocation's
     compute_s: float
+    busy_s: float  # the whole run's, across reruns: see Ledger.busy_seconds
     stage_seconds: dict[str, float] = field(default_factory=dict)
     strip_calibrated: dict[str, list[float]] = field(default_factory=dict)  # thresholds from calibration slices
     steps_per_task: list[int] = field(default_factory=list)  # optimizer steps of each task's training
@@ -421,7 +422,8 @@ class Driver:
         return RunResult(run_id=cfg.run_id, run_dir=self.run_dir, tasks=names, precision=self.precision,
                          matrices=matrices, baseline=base,
                          summary=summary, strip=strip, tracking_uri=self.tracking_uri,
-                         wall_s=time.perf_counter() - wall_start, compute_s=compute, stage_seconds=seconds,
+                         wall_s=time.perf_counter() - wall_start, compute_s=compute,
+                         busy_s=self.ledger.busy_seconds(), stage_seconds=seconds,
                          strip_calibrated=strip_calibrated, steps_per_task=steps_per_task)
 
 

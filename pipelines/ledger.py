@@ -60,3 +60,17 @@ class Ledger:
     def set_meta(self, key: str, value) -> None:
         self.data["meta"][key] = value
         self._write()
+
+    def busy_seconds(self) -> float:
+        """Seconds during which at least one stage of the run was in flight: overlapping stages
+        count once, the time between a crash and its rerun not at all (unlike a sum of stage
+        seconds, or a wall clock that spans reruns)."""
+        spans = []
+        for entry in self.data["stages"].values():
+            end = entry["outputs"].get("finished_at", entry["finished"])  # an overlapped stage's own end
+            spans.append((end - entry["seconds"], end))
+        busy, reach = 0.0, float("-inf")
+        for start, end in sorted(spans):
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        return busy

@@ -159,7 +159,7 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
     (run_dir / "ledger.json").write_text(json.dumps({"stages": {k: {"outputs": {"rows": v}} for k, v in rows.items()}}))
     summary = {"oracle": {"AA": 50.0, "BwT": 0.0, "FwT": 1.0, "forgetting": 0.0}}
     result = SimpleNamespace(summary=summary, strip_calibrated={"oracle": [40.0, 60.0]}, run_dir=run_dir,
-                             stage_seconds={"a": 1.25, "b": 2.0})
+                             busy_s=3.25)
 
     class FakeDriver:
         def __init__(self, cfg, storage):

@@ -54,3 +54,15 @@ def test_secret_looking_values_are_never_logged():
     params = flatten({"method": {"name": "moe_cl", "params": {"api_token": "s3cr3t", "adv_weight": 0.1}},
                       "mlflow": {"password": "x"}})
     assert params == {"method.name": "moe_cl", "method.params.adv_weight": "0.1"}
+
+
+def test_busy_seconds_count_overlapping_stages_once_and_no_time_between_crash_and_rerun(tmp_path, monkeypatch):
+    from pipelines import ledger as ledger_module
+
+    ledger = ledger_module.Ledger(tmp_path, "hash")
+    clock = iter([10.0, 20.0, 110.0])  # when each stage is settled
+    monkeypatch.setattr(ledger_module.time, "time", lambda: next(clock))
+    ledger.mark_done("task0/train", {}, 10.0)  # 0..10
+    ledger.mark_done("task0/evaluate", {"finished_at": 15.0}, 10.0)  # 5..15, overlapped, settled at 20
+    ledger.mark_done("task1/train", {}, 10.0)  # 100..110, after a crash and a rerun
+    assert ledger.busy_seconds() == 25.0  # a sum of stage seconds says 30, the wall clock 110
