@@ -130,6 +130,8 @@ class MixtureFFN(nn.Module):
 
     # -- compute -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.experts:  # an empty bank is the base model (what the untrained baseline scores)
+            return self.base(x)
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         route = self.router(x, self.context, self)

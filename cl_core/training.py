@@ -116,14 +116,15 @@ def predict_probs(model: ContinualModel, objective, method, examples: list[dict]
                   task_id_mode: str = "oracle", on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """[n, C] label probabilities of one task's encoded examples, in order and batches of
     `batch_size`: what evaluation scores and what `clpipe predict` answers with. `on_batch(done)`
-    after each batch, with the examples done so far (progress lines)."""
+    after each batch, with the examples done so far (progress lines). `method` None: a model with
+    an empty bank, which routes nothing."""
     model.eval()
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = to_device(collate_prompts(chunk, objective.pad_id), device)
-        fields = routing_for_eval(model, method, batch, task_id_mode)
+        fields = routing_for_eval(model, method, batch, task_id_mode) if method is not None else {}
         probs.append(objective.predict(model, chunk, fields).cpu())
         if on_batch is not None:
             on_batch(start + len(chunk))

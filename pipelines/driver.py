@@ -251,9 +251,9 @@ class Driver:
         if first < len(cfg.tasks):
             key, name = ("baseline/evaluate", "baseline") if first == 0 else \
                 (f"baseline/evaluate-from-task{first}", f"baseline-from-task{first}")
-            pending += self._pending(None, self.launch(key, lambda _: stages.evaluate.options(**opts).remote(
-                cfg, len(cfg.tasks) - 1, base, None, data, str(self.run_dir / "eval" / f"{name}.json"),
-                untrained=True, first=first, progress=self._progress_file(key)),
+            pending += self._pending(None, self.launch(key, lambda _: stages.evaluate_untrained.options(**opts).remote(
+                cfg, base, data, str(self.run_dir / "eval" / f"{name}.json"), first, str(cache / "untrained"),
+                progress=self._progress_file(key)),
                 [(j, "test") for j in range(first, len(cfg.tasks))]))
 
         parent_bank, plans = None, cfg.method.build().plans_tasks

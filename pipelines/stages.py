@@ -8,6 +8,7 @@ model spec arrive as the driver validated them (pickled by Ray), not re-parsed f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -191,46 +192,118 @@ def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, d
 
 
 @ray.remote
-def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str | None, data_paths: list[str],
-             out_file: str, untrained: bool = False, first: int = 0, progress: str | None = None) -> dict:
-    """Accuracy and strip rate on every task first..upto: one row of the accuracy matrix per mode.
+def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str, data_paths: list[str], out_file: str,
+             progress: str | None = None) -> dict:
+    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
 
     `strip_rate` picks its thresholds on the test split (an upper bound); `strip_rate_calibrated`
     and `precision_calibrated` apply the thresholds chosen on the calibration slices, which are
     stored beside the bank for `clpipe predict` and `clpipe serve`.
-
-    `untrained`: a fresh bank with every task set up and nothing trained (the FwT baseline); `first`
-    > 0 there evaluates only tasks appended to a run whose earlier tasks have their baseline.
     """
     start = time.perf_counter()
     _threads()
-    stage = build_stage(cfg, base, bank_dir and Path(bank_dir))
-    if untrained:
-        for t in range(len(cfg.tasks)):
-            stage.method.setup_task(stage.model, t)
-            stage.objective.setup_task(stage.model, t)
+    stage = build_stage(cfg, base, Path(bank_dir))
     stage.model.to(_device(cfg))
-    modes = ["oracle"] if untrained else eval_modes(cfg, stage.method)  # untrained experts: routing is moot
+    modes = eval_modes(cfg, stage.method)
     rows, chosen = {}, {}
-    tests = {t: load_prepared(data_paths[t], "test") for t in range(first, upto + 1)}
+    tests = {t: load_prepared(data_paths[t], "test") for t in range(upto + 1)}
     meter, done = StageProgress(progress, len(modes) * sum(map(len, tests.values())), "examples"), 0
     for mode in modes:
-        # Thresholds from each task's calibration slice (none for the untrained baseline, which has no bank).
-        chosen[mode] = [None if untrained else task_thresholds(stage, cfg, t, data_paths[t], mode)
-                        for t in range(upto + 1)]
+        # Thresholds from each task's calibration slice.
+        chosen[mode] = [task_thresholds(stage, cfg, t, data_paths[t], mode) for t in range(upto + 1)]
         results = []
         for t, examples in tests.items():
             results.append(evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
                                          mode, cfg.eval.target_precision, chosen[mode][t],
                                          on_batch=lambda n, before=done: meter.update(before + n)))
             done += len(examples)
-        rows[mode] = {key: [r.get(key) for r in results]
-                      for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
-    if not untrained:
-        save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "first": first, "compute_s": time.perf_counter() - start}
+        rows[mode] = matrix_row(results)
+    save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
+    out = {"rows": rows, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
+
+
+def matrix_row(results: list[dict]) -> dict[str, list]:
+    """evaluate_task's results of tasks in order → one row of the accuracy matrix and its companions."""
+    return {key: [r.get(key) for r in results]
+            for key in ("accuracy", "strip_rate", "strip_rate_calibrated", "precision_calibrated", "correct")}
+
+
+# Part of every reused untrained row's key: change it when label scoring changes what it computes.
+UNTRAINED_SCORING = "lm-label-log-likelihood-1"
+
+
+@ray.remote
+def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], out_file: str, first: int = 0,
+                       reuse_dir: str | None = None, progress: str | None = None) -> dict:
+    """The untrained model on tasks first..n-1 (the baseline of FwT and learning gain), task id
+    given; `first` > 0 for the tasks appended to a run whose earlier tasks have their baseline.
+
+    Under the LM objective the untrained model is the base model: every expert starts with B = 0
+    and adds nothing, so an empty bank answers as the untrained bank of any method and seed would.
+    Each task's row is then kept in `reuse_dir`, by what it depends on (model, prepared test split,
+    evaluation settings, device), for every later run of any method. Under the head objective the
+    run's fresh heads answer (chance level): its own bank, nothing reused.
+    """
+    start = time.perf_counter()
+    _threads()
+    shared = cfg.objective == "lm" and reuse_dir is not None
+    stage = None
+    tests = {t: load_prepared(data_paths[t], "test") for t in range(first, len(cfg.tasks))}
+    meter, done = StageProgress(progress, sum(map(len, tests.values())), "examples"), 0
+    results, reused = [], []
+    for t, examples in tests.items():
+        path, inputs = _kept_untrained_row(cfg, base, data_paths[t], reuse_dir) if shared else (None, None)
+        kept = _read_kept(path) if path is not None else None
+        if kept is not None and kept.get("inputs") == inputs:  # not a foreign file
+            results.append(kept["result"])
+            reused.append(cfg.tasks[t].name)
+        else:
+            if stage is None:
+                stage = _untrained_stage(cfg, base)
+            method = None if cfg.objective == "lm" else stage.method
+            results.append(evaluate_task(stage.model, stage.objective, method, examples, cfg.eval.batch_size,
+                                         "oracle", cfg.eval.target_precision,
+                                         on_batch=lambda n, before=done: meter.update(before + n)))
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"inputs": inputs, "result": results[-1]}))
+        done += len(examples)
+        meter.update(done)
+    out = {"rows": {"oracle": matrix_row(results)}, "first": first, "reused": reused,
+           "compute_s": time.perf_counter() - start}
+    atomic_write_text(Path(out_file), json.dumps(out, indent=2))
+    return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the first training)
+
+
+def _kept_untrained_row(cfg: RunConfig, base: ModelSpec, data_path: str, reuse_dir: str) -> tuple[Path, dict]:
+    """Where a task's untrained row is kept, and what it depends on (stored in it, compared on reading)."""
+    inputs = {"model": base.model_dump(mode="json"), "source": cfg.model.source, "device": _device(cfg).type,
+              "test": json.loads((Path(data_path) / "summary.json").read_text())["key"],
+              "batch_size": cfg.eval.batch_size, "target_precision": cfg.eval.target_precision,
+              "scoring": UNTRAINED_SCORING}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    return Path(reuse_dir) / f"{digest}.json", inputs
+
+
+def _read_kept(path: Path) -> dict | None:
+    """A kept row, or None where there is none or it does not parse (then it is computed again)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _untrained_stage(cfg: RunConfig, base: ModelSpec):
+    """An empty bank (LM objective), or every task set up and nothing trained (head objective)."""
+    stage = build_stage(cfg, base)
+    if cfg.objective != "lm":
+        for t in range(len(cfg.tasks)):
+            stage.method.setup_task(stage.model, t)
+            stage.objective.setup_task(stage.model, t)
+    stage.model.to(_device(cfg))
+    return stage
 
 
 def verify_bank(path: str) -> str | None:

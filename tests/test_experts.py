@@ -107,3 +107,28 @@ def test_unsupported_architecture_is_named():
 
     with pytest.raises(ValueError, match="supported families: Llama, Mistral"):
         ExpertBank(NotGated(), BankConfig())
+
+
+def test_an_empty_bank_is_the_base_model_and_scores_as_every_untrained_bank():
+    """The untrained baseline scores the base model alone (pipelines.stages.evaluate_untrained):
+    every method's experts start with B = 0, so its untrained bank answers the same."""
+    from cl_core.methods import METHODS, build_method
+    from cl_core.objectives import LMObjective
+    from cl_core.training import predict_probs
+    from tests.conftest import synthetic_task
+
+    empty, tok = tiny_model()
+    x = torch.randn(3, 7, 64)
+    assert torch.equal(empty.bank.layers[0](x), empty.bank.layers[0].base(x))
+    formats, examples = zip(*(synthetic_task(tok, t, 12, seed=t, labels=(f"w{2 * t + 1}", f"w{2 * t + 2}"))
+                              for t in (0, 1)))
+    objective = LMObjective(tok, list(formats))
+    base = [predict_probs(empty, objective, None, examples[t]) for t in (0, 1)]
+    assert not torch.allclose(base[0], torch.full_like(base[0], 0.5), atol=1e-3)  # the base model has opinions
+    for name in sorted(set(METHODS) - {"cmoe"}):  # CMoE adds its experts only once its probe has trained
+        method = build_method(name)
+        model, _ = tiny_model(method.router)
+        for t in (0, 1):
+            method.setup_task(model, t)
+        for t in (0, 1):
+            assert torch.allclose(predict_probs(model, objective, method, examples[t]), base[t], atol=1e-6), name

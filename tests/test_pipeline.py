@@ -101,11 +101,19 @@ def test_rerun_of_a_finished_run_does_nothing(zero2_run):
 
 
 def test_zero3_partitioned_matches_zero2(ray_local, tmp_path, zero2_run):
+    import shutil
+
+    shutil.copytree(zero2_run[1], tmp_path / "s")  # the storage's cache: the untrained rows are there
     cfg = parse_config(tiny_run("seq", deepspeed={"zero_stage": 3, "persistence_threshold": 0}))
-    result = Driver(cfg, tmp_path, _quiet).run()
-    train = json.loads((result.run_dir / "ledger.json").read_text())["stages"]["task0/train"]["outputs"]
-    assert train["partitioned_params"] >= 2 * 3 + 2  # the base MLP and attention weights, embeddings, head
+    result = Driver(cfg, tmp_path / "s", _quiet).run()
+    stages = json.loads((result.run_dir / "ledger.json").read_text())["stages"]
+    assert stages["task0/train"]["outputs"]["partitioned_params"] >= 2 * 3 + 2  # base MLP, attention, embeddings, head
     assert np.allclose(result.matrices["oracle"], zero2_run[2].matrices["oracle"], equal_nan=True, atol=1e-9)
+    # Another run on the same model and data: the untrained model's rows are reused, not recomputed.
+    assert stages["baseline/evaluate"]["outputs"]["reused"] == ["task0", "task1"]
+    first = json.loads((zero2_run[2].run_dir / "ledger.json").read_text())["stages"]["baseline/evaluate"]["outputs"]
+    assert first["reused"] == []
+    assert np.array_equal(result.baseline, zero2_run[2].baseline)
 
 
 def test_more_workers_than_the_cluster_has(ray_local):
