@@ -64,6 +64,26 @@ def store_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.
     store_anchor(model, prefix, params)
 
 
+def store_start(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter]) -> None:
+    """θ_start of `params`, their value as a task is set up: what `store_loss_scaled_fisher`
+    measures the task's move from."""
+    for name, p in params.items():
+        model.method_state[f"{prefix}start.{name}"] = p.detach().float().clone()
+
+
+def store_loss_scaled_fisher(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter],
+                             batches: Callable[[], Iterable[dict]], loss_fn: Callable[[dict], torch.Tensor]) -> None:
+    """After a task: its per-sample Fisher F_t of `params`, scaled by L_t / D_t (L_t the task's
+    mean loss, D_t = Σ F_t (θ − θ_start)² the Fisher-weighted distance `params` moved during the
+    task), added to earlier tasks' (`store_fisher`). So `anchor_penalty` at weight 1 equals the
+    task's loss when `params` move as far again: a weight that means the same on any model."""
+    fisher, task_loss = empirical_fisher(params, batches, loss_fn)
+    moved = sum(float((fisher[k] * (p.detach().float() - model.method_state[f"{prefix}start.{k}"].to(p.device)).pow(2)).sum())
+                for k, p in params.items())
+    scale = task_loss / moved if moved > 0 else 1.0
+    store_fisher(model, prefix, params, {k: f * scale for k, f in fisher.items()})
+
+
 def store_anchor(model: ContinualModel, prefix: str, params: dict[str, torch.nn.Parameter]) -> None:
     """θ* of `params` alone, for an unweighted (L2) anchor."""
     for name, p in params.items():

@@ -10,9 +10,9 @@ from cl_core.bank import BankConfig
 from cl_core.methods import build_method
 from cl_core.methods.cmoe import LOC_MEAN, PLAN, probe_layers
 from cl_core.methods.dual_router import EMA, STEPS
-from cl_core.methods.seta import GATES, PREFIX, START, TOKENS, shared_parameters
+from cl_core.methods.seta import GATES, PREFIX, TOKENS, shared_parameters
 
-FISHER, ANCHOR = PREFIX + "fisher.", PREFIX + "anchor."
+FISHER, ANCHOR, START = PREFIX + "fisher.", PREFIX + "anchor.", PREFIX + "start."  # cl_core.anchoring
 from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, collate_prompts

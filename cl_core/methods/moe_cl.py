@@ -5,8 +5,10 @@ Task t's forward uses the frozen base, its own expert and gate (frozen once t is
 shared expert, which every task trains. So the shared expert alone can make an old task forget,
 and this file controls its drift:
 - `shared_lr_scale`, `shared_weight_decay`: its own parameter group in the optimizer;
-- `shared_anchor` "l2" or "fisher" (per-sample Fisher): a pull towards its value at the end of the
-  previous task, weighted `shared_anchor_weight`;
+- `shared_anchor` "l2" or "fisher": a pull towards its value at the end of the previous task,
+  weighted `shared_anchor_weight`. "fisher" weighs it by the per-sample Fisher scaled as SETA's
+  (`cl_core.anchoring.store_loss_scaled_fisher`): at weight 1 the pull equals a task's loss when
+  the shared expert moves as far again as it moved during that task;
 - `shared_ema` > 0: the bank keeps an exponential moving average of it over training steps.
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, empirical_fisher, store_anchor, store_fisher
+from cl_core.anchoring import anchor_penalty, store_anchor, store_loss_scaled_fisher, store_start
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts
@@ -93,6 +95,8 @@ class MoECL(Method):
                 model.widen_linear(name, task + 1)
         device = model.extras["disc_0"].weight.device
         model.method_state["adv_steps"] = torch.zeros((), dtype=torch.long, device=device)
+        if self.params.shared_anchor == "fisher":
+            store_start(model, PREFIX, shared_parameters(model))
 
     def discriminates(self, model: ContinualModel) -> bool:
         """Is there a game to play: a weight, and more than one task for D to tell apart?"""
@@ -179,7 +183,7 @@ class MoECL(Method):
         if self.params.shared_anchor == "l2":
             store_anchor(model, PREFIX, shared)
         elif self.params.shared_anchor == "fisher":
-            store_fisher(model, PREFIX, shared, empirical_fisher(shared, batches, loss_fn)[0])
+            store_loss_scaled_fisher(model, PREFIX, shared, batches, loss_fn)
         if self.params.feature_memory:
             remember_shared_features(model, task, batches, self.params.feature_memory)
 

@@ -49,14 +49,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, empirical_fisher, store_fisher
+from cl_core.anchoring import anchor_penalty, store_loss_scaled_fisher, store_start
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, prompt_mask
 from cl_core.continual_model import ContinualModel
 
 PREFIX = "seta."
-START, TOKENS, GATES = PREFIX + "start.", PREFIX + "tokens.", PREFIX + "gates."
+TOKENS, GATES = PREFIX + "tokens.", PREFIX + "gates."
 
 
 def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
@@ -117,8 +117,7 @@ class SETA(Method):
                 trainable = meta.kind == "shared" or meta.task == task
                 layer.experts[e].requires_grad_(trainable)
                 layer.router.rows[e].requires_grad_(trainable)
-        for key, p in shared_parameters(model).items():
-            model.method_state[START + key] = p.detach().float().clone()
+        store_start(model, PREFIX, shared_parameters(model))
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {}  # the learned router routes on the tokens alone
@@ -148,12 +147,7 @@ class SETA(Method):
         return losses
 
     def after_task(self, model: ContinualModel, task: int, batches, loss_fn) -> None:
-        params = shared_parameters(model)
-        fisher, task_loss = empirical_fisher(params, batches, loss_fn)
-        moved = sum(float((fisher[k] * (p.detach().float() - model.method_state[START + k]).pow(2)).sum())
-                    for k, p in params.items())
-        scale = task_loss / moved if moved > 0 else 1.0
-        store_fisher(model, PREFIX, params, {k: f * scale for k, f in fisher.items()})
+        store_loss_scaled_fisher(model, PREFIX, shared_parameters(model), batches, loss_fn)
         for i, tokens in enumerate(router_inputs(model, batches, loss_fn, self.params.router_memory, seed=task)):
             model.method_state[f"{TOKENS}{task}.{i}"] = tokens
             with torch.no_grad():
