@@ -264,10 +264,12 @@ def test_bank_for_another_base_model_names_the_field(tmp_path):
         other.load(tmp_path / "b")
 
 
-def test_cached_label_scoring_equals_full_sequences():
+@pytest.mark.parametrize("labels", [("w1 w7", "w2", "w3 w4 w5"), ("w1", "w2", "w3 w9", "w4")])
+def test_cached_label_scoring_equals_full_sequences(labels):
+    """Only labels longer than one token are continued from the prompt's cache (several, or one)."""
     model, tok = tiny_model("task")
     from cl_core.objectives import TaskFormat, encode_prompt
-    fmt = TaskFormat("t0", verbalizers=("w1 w7", "w2", "w3 w4 w5"), max_length=32)
+    fmt = TaskFormat("t0", verbalizers=labels, max_length=32)
     objective = LMObjective(tok, [fmt])
     method = build_method("moe_cl")
     method.setup_task(model, 0)
