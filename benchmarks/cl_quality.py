@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.cl_report import readme_around_report, write_report
 from benchmarks.cl_stats import aggregate, encode, run_key
 from cl_core.atomic import atomic_write_text
 from cl_core.bank import load_bank
@@ -173,10 +174,12 @@ def run_one(label: str, sequence: str, tasks: list[str], seed: int, data: Path, 
 class Results:
     """The results file and the per-example file beside it; each finished run is written as it finishes."""
 
-    def __init__(self, out: Path, budget: Budget, draws: int | None = None):
-        self.out, self.budget, self.draws = out, budget, draws
+    def __init__(self, out: Path, budget: Budget, draws: int | None = None, readme: Path | None = None):
+        self.out, self.budget, self.draws, self.readme = out, budget, draws, readme
         self.path, self.examples_path = out / "cl_quality.json", out / "cl_quality_examples.json"
         self.rows, self.examples, self.stats_cache = [], {}, {}
+        if readme is not None:
+            readme_around_report(readme)  # a README without the report's markers stops the benchmark here
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             if not isinstance(saved, dict) or "budget" not in saved:
@@ -207,13 +210,11 @@ class Results:
         self.write()
 
     def write(self) -> None:
-        from benchmarks.cl_report import write_report
-
         kwargs = {} if self.draws is None else {"draws": self.draws}
         summary = aggregate(self.rows, self.examples, cache=self.stats_cache, **kwargs)
         payload = {"budget": asdict(self.budget), "rows": self.rows, "aggregate": summary}
         atomic_write_text(self.path, json.dumps(payload, indent=1))
-        write_report(self.out, self.budget, self.rows, summary)
+        write_report(self.out, self.budget, self.rows, summary, self.readme)
 
 
 def strongest_other(rows: list[dict], sequence: str, seed: int, labels: list[str]) -> str | None:
@@ -295,6 +296,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--estimate", action="store_true", help="print the plan's size and time, run nothing")
     parser.add_argument("--report", action="store_true", help="rewrite the aggregate and report, run nothing")
+    parser.add_argument("--readme", type=Path, help="also rewrite this README's report section (between its markers)")
     return parser.parse_args(argv)
 
 
@@ -349,7 +351,7 @@ def main(argv=None) -> None:
     sequences, labels, seeds = checked_plan(args)
     budget = Budget(args.model, args.steps_per_task, args.batch_size, args.rank, args.lr, args.max_length,
                     args.test_examples)
-    results = Results(args.out, budget)
+    results = Results(args.out, budget, readme=args.readme)
     print(estimate(sequences, labels, seeds, results), flush=True)
     if args.report:
         results.write()

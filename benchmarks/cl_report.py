@@ -160,27 +160,60 @@ def aa_bwt_figure(summary: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def write_report(out: Path, budget, rows: list[dict], summary: dict) -> None:
+def report_body(rows: list[dict], summary: dict, heading: str, figure: str) -> list[str]:
+    """The figure, a table and the pairs per sequence, then the goals: the part of the report that
+    the README repeats (`heading` is the markdown level of its section titles)."""
+    text = [f"![AA against BwT]({figure})", ""]
+    for seq in sorted({r["sequence"] for r in rows}):
+        order = next(r["order"] for r in rows if r["sequence"] == seq)
+        text += [f"{heading} {seq}: {' → '.join(order)}", "", sequence_table(seq, rows, summary), "",
+                 pairs_table(seq, summary), ""]
+    return text + [f"{heading} Goals", ""] + [f"- {line}" for line in goals(rows, summary)] + [""]
+
+
+def write_report(out: Path, budget, rows: list[dict], summary: dict, readme: Path | None = None) -> None:
+    """`cl_quality.md` and the figure in `out`; with `readme`, also its section between the
+    README_BEGIN and README_END markers (the rest of the file is kept as it is)."""
     b = asdict(budget)
     seeds = sorted({r["seed"] for r in rows})
     wall = sum(r["wall_s"] for r in rows)
-    text = [
-        "# Continual-learning quality", "",
+    budget_line = (
         f"Budget, the same for every method: model {b['model']}, {b['steps_per_task']} optimizer steps per task "
         f"({budget.train_examples} training examples, batch {b['batch_size']}, 1 epoch), LoRA rank {b['rank']}, "
         f"lr {b['lr']:g}, max length {b['max_length']}, up to {b['test_examples']} test examples per task (the "
         f"whole split where smaller). Seeds run: {', '.join(map(str, seeds)) or 'none yet'}. {len(rows)} runs, "
-        f"{wall / 3600:.2f} h of run time in all (stages in flight) (last written on {platform.machine()} with {os.cpu_count()} CPUs).",
-        "",
-        "Figures in points: mean over seeds [95% interval: bootstrap over test examples, and over seeds "
-        "where there are several]. Pairwise rows are paired (same seeds, same test examples); the verdict is "
-        "\"better\" or \"worse\" when the interval excludes 0.", "",
-        f"![AA against BwT]({FIGURE})", ""]
-    for seq in sorted({r["sequence"] for r in rows}):
-        order = next(r["order"] for r in rows if r["sequence"] == seq)
-        text += [f"## {seq}: {' → '.join(order)}", "", sequence_table(seq, rows, summary), "",
-                 pairs_table(seq, summary), ""]
-    text += ["## Goals", ""] + [f"- {line}" for line in goals(rows, summary)] + [""]
-    atomic_write_text(out / "cl_quality.md", "\n".join(text))
+        f"{wall / 3600:.2f} h of run time in all (stages in flight) (last written on {platform.machine()} with "
+        f"{os.cpu_count()} CPUs).")
+    legend = ("Figures in points: mean over seeds [95% interval: bootstrap over test examples, and over seeds "
+              "where there are several]. Pairwise rows are paired (same seeds, same test examples); the verdict is "
+              "\"better\" or \"worse\" when the interval excludes 0.")
+    text = ["# Continual-learning quality", "", budget_line, "", legend, ""]
+    atomic_write_text(out / "cl_quality.md", "\n".join(text + report_body(rows, summary, "##", FIGURE)))
     if summary["methods"]:
         aa_bwt_figure(summary, out / FIGURE)
+    if readme is not None:
+        figure = os.path.relpath(out / FIGURE, readme.resolve().parent)
+        sync_readme(readme, [budget_line, "", legend, ""] + report_body(rows, summary, "####", figure))
+
+
+README_BEGIN = "<!-- cl_quality report: written by `python -m benchmarks.cl_quality --readme`, do not edit -->"
+README_END = "<!-- end of the cl_quality report -->"
+
+
+def readme_around_report(readme: Path) -> tuple[str, str]:
+    """The README's text up to its report section's first marker, and from its end marker on."""
+    try:
+        text = readme.read_text()
+    except OSError as e:
+        raise SystemExit(f"--readme {readme}: {e.strerror}") from None
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"--readme {readme}: no report section (a line {README_BEGIN!r}, later a line "
+                         f"{README_END!r}); add the two lines where the report belongs")
+    return text[:begin + len(README_BEGIN)], text[end:]
+
+
+def sync_readme(readme: Path, lines: list[str]) -> None:
+    """Replaces what lies between the markers; a README without them is refused, untouched."""
+    head, tail = readme_around_report(readme)
+    atomic_write_text(readme, head + "\n" + "\n".join(lines) + "\n" + tail)

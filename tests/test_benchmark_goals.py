@@ -145,6 +145,30 @@ def test_a_results_file_of_another_budget_is_refused_and_kept(tmp_path):
         Results(tmp_path / "old", Budget(model="tiny"))
 
 
+def test_the_readme_section_follows_the_rows_and_the_rest_is_kept(tmp_path):
+    from benchmarks.cl_report import README_BEGIN, README_END
+
+    readme = tmp_path / "README.md"
+    before, after = "# Title\n\nintro\n", "\n## Later\nkept\n"
+    readme.write_text(f"{before}{README_BEGIN}\nstale table\n{README_END}{after}")
+    out = tmp_path / "results"
+    out.mkdir()
+    run_benchmark(SEQUENCES, ["moe_cl", "seq_lora"], [0], Results(out, Budget(model="tiny"), draws=DRAWS, readme=readme),
+                  fake_run(AA, []))
+    text = readme.read_text()
+    assert text.startswith(before + README_BEGIN) and text.endswith(README_END + after)
+    assert "stale table" not in text and "](results/cl_quality_aa_bwt.png)" in text
+    section = text[text.index(README_BEGIN):text.index(README_END)]
+    aa_pair = next(line for line in section.splitlines() if line.startswith("| moe_cl − seq_lora | AA |"))
+    assert "| moe_cl | 1 | " in section and aa_pair.endswith("| better | 1 |")  # 80 against 60
+    assert "#### Goals" in section
+
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no report section"):
+        Results(out, Budget(model="tiny"), draws=DRAWS, readme=readme)
+    assert readme.read_text() == "no markers\n"
+
+
 def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypatch):
     tasks = ["bbc_news_topic", "vader_movieReviewSnippets"]
     for t in tasks:
