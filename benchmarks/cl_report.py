@@ -43,8 +43,8 @@ def plain(value, signed: bool = False, digits: int = 1) -> str:
 
 def sequence_table(sequence: str, rows: list[dict], summary: dict) -> str:
     head = ("| method | seeds | AA | BwT | forgetting | FwT | learning gain | task-agnostic AA | task-agnostic BwT "
-            "| steps/task | test examples/task | strip rate (calibrated) | trainable params | wall (s, mean) |")
-    lines = [head, "|" + "---|" * 14]
+            "| task-agnostic forgetting | steps/task | test examples/task | strip rate (calibrated) | trainable params | wall (s, mean) |")
+    lines = [head, "|" + "---|" * 15]
     for entry in (e for e in summary["methods"] if e["sequence"] == sequence):
         mine = [r for r in rows if r["sequence"] == sequence and r["method"] == entry["method"]]
         steps = {str(r["steps_per_task"]) for r in mine}
@@ -53,6 +53,7 @@ def sequence_table(sequence: str, rows: list[dict], summary: dict) -> str:
             f"| {name} | {len(mine)} | {fmt(entry['AA'])} | {fmt(entry['BwT'], True)} | {fmt(entry['forgetting'])} | "
             f"{plain(mean_of(mine, 'FwT'), True)} | {plain(mean_of(mine, 'learning_gain'), True)} | "
             f"{fmt(entry['task_agnostic_AA'])} | {fmt(entry['task_agnostic_BwT'], True)} | "
+            f"{fmt(entry['task_agnostic_forgetting'])} | "
             f"{'—' if steps == {'None'} else ', '.join(sorted(steps))} | {min(min(r['n_test']) for r in mine)} | "
             f"{plain(mean_of(mine, 'strip_rate'))} | {mine[0]['trainable_params']:,} | "
             f"{plain(mean_of(mine, 'wall_s'), digits=0)} |")

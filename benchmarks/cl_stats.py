@@ -113,8 +113,8 @@ def run_key(row: dict) -> str:
 def aggregate(rows: list[dict], examples: dict[str, dict], reference: str = "moe_cl",
               extra_pairs: tuple[tuple[str, str], ...] = (("ewc", "seq_lora"),), draws: int = DRAWS,
               cache: dict | None = None) -> dict:
-    """Per method and sequence: means and 95% intervals of AA, BwT and forgetting (task id given)
-    and of AA and BwT without a task id where the method routes itself; then the paired
+    """Per method and sequence: means and 95% intervals of AA, BwT and forgetting, with the task id
+    given and, where the method routes itself, without it; then the paired
     comparisons ``reference`` − every other method, and ``extra_pairs``, on AA and BwT (task id
     given). ``examples[run_key]`` holds each run's encoded correctness per task-id mode; ``cache``
     keeps each run's stats between calls (a run's draws never change)."""
@@ -131,7 +131,7 @@ def aggregate(rows: list[dict], examples: dict[str, dict], reference: str = "moe
     for (sequence, method), modes in sorted(runs.items()):
         entry = {"sequence": sequence, "method": method, "seeds": sorted(modes["oracle"])}
         entry.update({name: summarize(modes["oracle"], name) for name in MEASURES})
-        for name in ("AA", "BwT"):
+        for name in MEASURES:
             entry[f"task_agnostic_{name}"] = summarize(modes["inferred"], name) if "inferred" in modes else None
         methods.append(entry)
     pairs = []

@@ -72,6 +72,18 @@ def test_correctness_round_trips_through_its_json_encoding():
         [[c.tolist() for c in stage] for stage in correct]
 
 
+def test_routing_without_a_task_id_gets_its_own_forgetting_and_interval():
+    oracle = [[np.ones(40, int)], [np.ones(40, int), np.ones(40, int)]]
+    inferred = [[np.ones(40, int)], [np.r_[np.ones(30, int), np.zeros(10, int)], np.ones(40, int)]]  # 10 of 40 lost
+    row = {"method": "seta", "sequence": "s", "order": ["a", "b"], "seed": 0}
+    examples = {run_key(row): {"oracle": encode(oracle), "inferred": encode(inferred)}}
+    entry = aggregate([row], examples, draws=DRAWS)["methods"][0]
+    assert entry["forgetting"]["mean"] == 0.0
+    assert entry["task_agnostic_forgetting"]["mean"] == pytest.approx(25.0)
+    low, high = entry["task_agnostic_forgetting"]["ci95"]
+    assert 0 < low < 25.0 < high
+
+
 # -- rows, resume --------------------------------------------------------------------------------------
 def fake_run(aa_by_method: dict[str, float], calls: list):
     """A run function that records its calls and answers a row from hand-made correctness."""
