@@ -43,7 +43,8 @@ def plain(value, signed: bool = False, digits: int = 1) -> str:
 
 def sequence_table(sequence: str, rows: list[dict], summary: dict) -> str:
     head = ("| method | seeds | AA | BwT | forgetting | FwT | learning gain | task-agnostic AA | task-agnostic BwT "
-            "| task-agnostic forgetting | steps/task | test examples/task | strip rate (calibrated) | trainable params | wall (s, mean) |")
+            "| task-agnostic forgetting | steps/task | test examples/task | strip rate (calibrated) "
+            "| trainable params | wall (s, mean) |")
     lines = [head, "|" + "---|" * 15]
     for entry in (e for e in summary["methods"] if e["sequence"] == sequence):
         mine = [r for r in rows if r["sequence"] == sequence and r["method"] == entry["method"]]
