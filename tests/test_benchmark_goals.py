@@ -217,7 +217,13 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
 
 
 def test_run_config_carries_the_budget_seed_and_ablation(tmp_path):
-    cfg = run_config("moe_cl_no_gan", "multiemo", cl_quality.SEQUENCES["multiemo"], 2, cl_quality.DEFAULT_DATA,
+    for task in cl_quality.SEQUENCES["multiemo"]:  # the shared data's layout, a few rows
+        (tmp_path / task).mkdir()
+        for split in ("train", "test"):
+            (tmp_path / task / f"{split}.jsonl").write_text("".join(
+                json.dumps({"text": f"review {i}", "label": label}) + "\n"
+                for i, label in enumerate(["positive", "negative", "ambivalent", "neutral", "negative"])))
+    cfg = run_config("moe_cl_no_gan", "multiemo", cl_quality.SEQUENCES["multiemo"], 2, tmp_path,
                      Budget(steps_per_task=16, batch_size=8))
     assert cfg["method"] == {"name": "moe_cl", "params": {"adv_weight": 0.0}}
     assert cfg["training"]["seed"] == 2 and cfg["training"]["epochs"] == 1
