@@ -46,7 +46,7 @@ from cl_core.methods import build_method
 from cl_core.base_model import load_base_model, smollm2_gguf_spec
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, TaskFormat
-from cl_core.precision import compute_autocast
+from cl_core.precision import base_settings, compute_autocast
 from cl_core.routers import build_router
 from cl_core.training import Learner, evaluate_task, to_device, trainable_parameters
 
@@ -208,9 +208,13 @@ def train_step(loss: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> 
 
 def moe_cl_models(lm: nn.Module, source: str) -> dict[str, tuple[ContinualModel, object]]:
     """Copies of SmolLM2 with a MoE-CL bank set up for task 0, by precision: "fp32", and "bf16"
-    (the base in bfloat16, as bf16-mixed stores it; the experts float32 in both)."""
+    (the base stored and its attention run as bf16-mixed runs them on this device; the experts
+    float32 in both)."""
     models = {}
-    for precision, base in (("fp32", copy.deepcopy(lm)), ("bf16", copy.deepcopy(lm).to(torch.bfloat16))):
+    device = next(lm.parameters()).device
+    for precision, settings in (("fp32", base_settings("fp32", device)), ("bf16", base_settings("bf16-mixed", device))):
+        base = copy.deepcopy(lm).to(getattr(torch, settings["dtype"]))
+        base.set_attn_implementation(settings["attention"])
         method = build_method("moe_cl")
         model = ContinualModel(base, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router), source)
         method.setup_task(model, 0)

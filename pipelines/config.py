@@ -215,10 +215,14 @@ class RunConfig(Strict):
     @field_validator("model")
     @classmethod
     def _dtype_follows_precision(cls, model):
-        # The stages load the base in the dtype training.precision resolves to (see materialize).
+        # The stages load the base in the dtype and attention training.precision resolves to (see
+        # materialize and cl_core.precision.base_settings).
         if model.dtype != "float32":
             raise ValueError("dtype: the base model's dtype follows training.precision (bf16-mixed stores it "
                              "in bfloat16): set that instead")
+        if model.attention != "sdpa":
+            raise ValueError("attention: the base model's attention follows training.precision (bf16-mixed "
+                             "runs eager attention on a CPU): set that instead")
         return model
 
     @field_validator("tasks")

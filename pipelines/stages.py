@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from cl_core.atomic import atomic_write_text
 from cl_core.bank import BankError, load_bank
 from cl_core.base_model import ModelSpec, load_tokenizer
-from cl_core.precision import base_dtype, resolve_precision
+from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import evaluate_task, plan_task, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.calibration import save_thresholds, task_thresholds
@@ -57,8 +57,9 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
     runs (a GPU worker's resources under `ray.use_gpu`). The ledger keeps both, so a resumed run
     computes in the precision it started in."""
     start = time.perf_counter()
-    precision = resolve_precision(cfg.training.precision, _device(cfg))
-    spec = materialize_base_model(cfg, Path(cache_root)).model_copy(update={"dtype": base_dtype(precision)})
+    device = _device(cfg)
+    precision = resolve_precision(cfg.training.precision, device)
+    spec = materialize_base_model(cfg, Path(cache_root)).model_copy(update=base_settings(precision, device))
     return {"spec": spec.model_dump(), "precision": precision, "compute_s": time.perf_counter() - start}
 
 

@@ -10,14 +10,14 @@ from cl_core.methods import build_method
 from cl_core.continual_model import ContinualModel
 from cl_core.base_model import load_base_model
 from cl_core.objectives import LMObjective
-from cl_core.precision import base_dtype, native_bf16, resolve_precision
+from cl_core.precision import base_settings, native_bf16, resolve_precision
 from cl_core.training import Learner, evaluate_task, train_steps
 from pipelines.config import ConfigError, parse_config
 from tests.conftest import TINY, batches, synthetic_task, tiny_run
 
 
 def _moe_cl(precision: str):
-    lm, tok = load_base_model(TINY.model_copy(update={"dtype": base_dtype(precision)}))
+    lm, tok = load_base_model(TINY.model_copy(update=base_settings(precision, torch.device("cpu"))))
     method = build_method("moe_cl")
     model = ContinualModel(lm, BankConfig(router=method.router, dropout=0.0), TINY.source)
     fmt, train = synthetic_task(tok, 0, 64, seed=0)
@@ -80,6 +80,22 @@ def test_bf16_mixed_stores_the_base_in_bf16_and_trains_float32_tensors():
     assert all(p.grad is None for p in frozen)
 
 
+def test_bf16_on_a_cpu_runs_eager_attention_with_the_same_loss_as_sdpa():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert base_settings("bf16-mixed", cpu) == {"dtype": "bfloat16", "attention": "eager"}
+    assert base_settings("bf16-mixed", cuda) == {"dtype": "bfloat16", "attention": "sdpa"}
+    assert base_settings("fp32", cpu) == {"dtype": "float32", "attention": "sdpa"}
+    model, objective, method, train, _ = _moe_cl("bf16-mixed")
+    assert model.lm.config._attn_implementation == "eager"
+    batch = objective.collate(train[:8])
+    learner = Learner(model, objective, method)
+    eager = learner(batch)[0].item()
+    model.lm.set_attn_implementation("sdpa")
+    sdpa = learner(batch)[0].item()
+    # The same attention up to bf16 rounding of the scores: the losses agree to 1%, and differ.
+    assert eager != sdpa and abs(eager - sdpa) < 0.01 * sdpa
+
+
 def test_bf16_mixed_learns_as_float32_does():
     bf16_model, objective, method, test, bf16_logs = _train("bf16-mixed")
     fp32_model, _, _, _, fp32_logs = _train("fp32")
@@ -108,5 +124,7 @@ def test_precision_is_validated_and_deepspeed_json_cannot_override_it(tmp_path):
         parse_config(tiny_run(deepspeed={"config": str(ds)}), "run.yaml")
     with pytest.raises(ConfigError, match=r"run.yaml: model: dtype: the base model's dtype follows training.precision"):
         parse_config(tiny_run(model={"dtype": "bfloat16"}), "run.yaml")
+    with pytest.raises(ConfigError, match=r"run.yaml: model: attention: the base model's attention follows"):
+        parse_config(tiny_run(model={"attention": "eager"}), "run.yaml")
     assert parse_config(tiny_run()).training.precision == "fp32"
     assert parse_config({"tasks": tiny_run()["tasks"]}).training.precision == "auto"
