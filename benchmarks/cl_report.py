@@ -144,8 +144,10 @@ def aa_bwt_figure(summary: dict, path: Path) -> None:
     sequences = sorted({e["sequence"] for e in summary["methods"]})
     methods = sorted({e["method"] for e in summary["methods"]})
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    fig = Figure(figsize=(6.5 * max(1, len(sequences)), 5.5))
+    # Constrained layout leaves room for the legend below the panels, where it hides no point.
+    fig = Figure(figsize=(6.5 * max(1, len(sequences)), 6), layout="constrained")
     FigureCanvasAgg(fig)
+    legend = {}
     for k, seq in enumerate(sequences):
         ax = fig.add_subplot(1, max(1, len(sequences)), k + 1)
         for e in (e for e in summary["methods"] if e["sequence"] == seq):
@@ -156,9 +158,10 @@ def aa_bwt_figure(summary: dict, path: Path) -> None:
             ax.annotate(e["method"], (x["mean"], y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set(title=seq, xlabel="BwT (points; right: keeps old tasks)", ylabel="AA (points)")
-        ax.legend(fontsize=6, loc="lower left")
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 6), fontsize=7)
     fig.suptitle("AA against BwT, 95% intervals (test examples and seeds)")
-    fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
