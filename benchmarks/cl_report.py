@@ -122,7 +122,7 @@ def goals(rows: list[dict], summary: dict) -> list[str]:
         lines.append(f"{seq}: O-LoRA and MoCL evaluated without a task id: " + (
             f"{NOT_MEASURED} (no rows: {', '.join(m for m, rs in routed.items() if not rs)})"
             if not all(routed.values()) else
-            ", ".join(f"{m} task-agnostic AA {plain(mean_of(rs, 'task_agnostic_AA'))}" for m, rs in routed.items()) +
+            ", ".join(f"{m} task-agnostic AA {fmt(_method(summary, seq, m)['task_agnostic_AA'])}" for m in routed) +
             f", {verdict[all(r['task_agnostic_AA'] is not None for rs in routed.values() for r in rs)]}"))
     lacking = [r for r in rows if any(r[k] is None for k in ("FwT", "learning_gain", "steps_per_task"))]
     lines.append("every row reports FwT (GEM), learning gain and optimizer steps per task: " + (

@@ -43,7 +43,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from cl_core.bank import BankConfig
 from cl_core.experts import ExpertMeta, MixtureFFN, RoutingContext, naive_mixture
 from cl_core.methods import build_method
-from cl_core.base_model import load_base_model, smollm2_gguf_spec
+from cl_core.base_model import load_base_model, set_base_precision, smollm2_gguf_spec
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import LMObjective, TaskFormat
 from cl_core.precision import base_settings, compute_autocast
@@ -213,8 +213,7 @@ def moe_cl_models(lm: nn.Module, source: str) -> dict[str, tuple[ContinualModel,
     models = {}
     device = next(lm.parameters()).device
     for precision, settings in (("fp32", base_settings("fp32", device)), ("bf16", base_settings("bf16-mixed", device))):
-        base = copy.deepcopy(lm).to(getattr(torch, settings["dtype"]))
-        base.set_attn_implementation(settings["attention"])
+        base = set_base_precision(copy.deepcopy(lm), **settings)
         method = build_method("moe_cl")
         model = ContinualModel(base, BankConfig(rank=RANK, alpha=ALPHA, dropout=DROPOUT, router=method.router), source)
         method.setup_task(model, 0)

@@ -116,10 +116,17 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
     else:
         raise ValueError(f"model.kind {spec.kind!r}: expected one of tiny, hf, gguf")
     tok = load_tokenizer(spec)
-    model.to(dtype)
-    model.set_attn_implementation(spec.attention)
+    set_base_precision(model, spec.dtype, spec.attention)
     model.eval()
     return model, tok
+
+
+def set_base_precision(model: nn.Module, dtype: str, attention: str) -> nn.Module:
+    """Stores the base model's weights in `dtype` and runs its attention with `attention`
+    (the pair `cl_core.precision.base_settings` picks for a precision and device)."""
+    model.to(getattr(torch, dtype))
+    model.set_attn_implementation(attention)
+    return model
 
 
 def hidden_size_of(spec: ModelSpec) -> int | None:
