@@ -27,6 +27,7 @@ import yaml
 from cl_core.methods import METHODS
 from cl_core.base_model import ModelSpec
 from cl_core.objectives import collate_prompts, encode_prompt
+from cl_core.precision import base_settings
 from cl_core.training import predict_probs, to_device
 from pipelines.assembly import build_stage
 from pipelines.calibration import load_thresholds
@@ -96,7 +97,12 @@ class Predictor:
         self.cfg, stages = read_run(self.run_dir)
         if "model" not in stages:
             raise PredictError(f"run {self.cfg.run_id}: its base model stage has not run yet")
-        self.base = ModelSpec(**stages["model"]["outputs"]["spec"])
+        # Serving computes on the CPU: the base keeps the dtype it trained in, and its attention is
+        # the CPU's choice for that precision (a bf16 run trained on a GPU records sdpa, whose bf16
+        # kernel on a CPU is slower than eager).
+        model = stages["model"]["outputs"]
+        cpu = base_settings(model["precision"], torch.device("cpu"))
+        self.base = ModelSpec(**model["spec"]).model_copy(update={"attention": cpu["attention"]})
         self.bank_task = bank_task(self.cfg, stages, bank_of)
         self.bank_dir = Path(stages[f"task{self.bank_task}/bank"]["outputs"]["path"])
         self.bank_sha256 = stages[f"task{self.bank_task}/bank"]["outputs"]["sha256"]

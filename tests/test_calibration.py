@@ -90,7 +90,7 @@ def fake_run(tmp_path):
     run_dir = tmp_path / cfg.run_id
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
-    stages = {"model": {"outputs": {"spec": TINY.__dict__}},
+    stages = {"model": {"outputs": {"spec": TINY.__dict__, "precision": "fp32"}},
               "task0/bank": {"outputs": {"path": str(run_dir / "banks" / "task0-task0"), "sha256": "0" * 64}},
               "task0/evaluate": {"outputs": {}}}
     (run_dir / "ledger.json").write_text(json.dumps({"config_hash": cfg.identity_hash(), "stages": stages}))

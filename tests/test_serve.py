@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
+import torch
 
 from cl_core.bank import atomic_write_text
 from cl_core.metrics import calibrated_thresholds, decisions_at
@@ -197,3 +198,18 @@ def test_serve_restarts_a_crashed_replica(run, serving):
     assert answer is not None and answer.status_code == 200 and answer.json() == first
     now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "PredictorDeployment" in a["name"]]
     assert now and now != [replicas[0]["name"]]  # a new replica, started by Serve
+
+
+def test_a_bf16_run_trained_on_a_gpu_is_served_with_the_cpus_attention(run, tmp_path):
+    _, _, run_dir = run
+    served = tmp_path / run_dir.name
+    shutil.copytree(run_dir, served)
+    ledger = _ledger(served)
+    # what the model stage records for bf16-mixed on a CUDA device
+    ledger["stages"]["model"]["outputs"]["precision"] = "bf16-mixed"
+    ledger["stages"]["model"]["outputs"]["spec"].update(dtype="bfloat16", attention="sdpa")
+    atomic_write_text(served / "ledger.json", json.dumps(ledger))
+    predictor = Predictor(served)
+    lm = predictor.stage.model.lm
+    assert (predictor.base.dtype, predictor.base.attention) == ("bfloat16", "eager")
+    assert next(lm.parameters()).dtype == torch.bfloat16 and lm.config._attn_implementation == "eager"
