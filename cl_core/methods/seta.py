@@ -22,9 +22,14 @@ which, at anchor_lambda 1, equals task t's loss when the shared parameters move 
 
 Router protection. Nothing else stops a later task's router row from taking over an earlier
 task's tokens (measured on the tiny model: the newest row took the largest gate mass on the old
-task's tokens). So after task t, `router_memory` of its prompt tokens' router inputs per layer
-are kept ("seta.tokens.<t>.<layer>") with the gates the router gave them ("seta.gates.<t>.<layer>",
-over the experts of that time), and while a later task trains the loss gains
+task's tokens). So after task t, router inputs of its tokens are kept per layer
+("seta.tokens.<t>.<layer>") with the gates the router gave them ("seta.gates.<t>.<layer>", over
+the experts of that time): `router_memory` prompt tokens drawn at random, and `router_memory`
+decision positions (each example's last prompt token, whose output scores the answer). The
+random draw alone holds few of those (one per example among all prompt tokens), and routing
+there differs from the average token: on the tiny model, task 0's expert takes 0.69 of the gate
+at layer 1's decision positions and 0.50 on its prompt tokens overall. While a later task trains
+the loss gains
 
     router_weight · mean over stored tasks s and layers of KL(stored gates ‖ current gates),
 
@@ -70,9 +75,15 @@ def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def last_prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last prompt position (the first where the running count of prompt tokens peaks)."""
+    return mask.long().cumsum(1).argmax(1)
+
+
 @torch.no_grad()
 def router_inputs(model: ContinualModel, batches, loss_fn, per_layer: int, seed: int) -> list[torch.Tensor]:
-    """`per_layer` prompt tokens' router inputs of every layer ([n, d] float32), drawn with `seed`."""
+    """Router inputs of every layer ([2 · per_layer, d] float32, fewer where the task has fewer):
+    `per_layer` prompt tokens and `per_layer` decision positions, each drawn with `seed`."""
     captured: list[list[torch.Tensor]] = [[] for _ in model.bank.layers]
     masks: list[torch.Tensor] = []
     hooks = [layer.router.register_forward_hook(lambda mod, args, out, i=i: captured[i].append(args[0].float()))
@@ -85,11 +96,16 @@ def router_inputs(model: ContinualModel, batches, loss_fn, per_layer: int, seed:
     finally:
         for hook in hooks:
             hook.remove()
+
+    def draw(tokens: torch.Tensor) -> torch.Tensor:
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:per_layer]
+        return tokens[order.to(tokens.device)]
+
     out = []
     for xs in captured:
-        tokens = torch.cat([x[m] for x, m in zip(xs, masks)])
-        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))[:per_layer]
-        out.append(tokens[order.to(tokens.device)])
+        prompt = torch.cat([x[m] for x, m in zip(xs, masks)])
+        decision = torch.cat([x[torch.arange(len(x), device=x.device), last_prompt_positions(m)] for x, m in zip(xs, masks)])
+        out.append(torch.cat([draw(prompt), draw(decision)]))
     return out
 
 
@@ -97,7 +113,7 @@ class SETAParams(MethodParams):
     shared_experts: int = Field(1, ge=1)  # the anchored experts
     anchor_lambda: float = Field(1.0, ge=0)  # 1: the penalty is the size of the task loss (see above)
     router_weight: float = Field(10.0, ge=0)
-    router_memory: int = Field(64, ge=1)  # stored prompt tokens per task and layer
+    router_memory: int = Field(64, ge=1)  # stored prompt tokens, and decision positions, per task and layer
 
 
 @register(SETAParams)
