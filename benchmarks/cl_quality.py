@@ -209,12 +209,47 @@ class Results:
         atomic_write_text(self.examples_path, json.dumps(self.examples))
         self.write()
 
+    def supersede(self, row: dict) -> None:
+        """Moves a finished row and its correctness to `cl_quality_superseded.json` beside the
+        results (written first, so that a crash between the writes loses nothing)."""
+        key = run_key(row)
+        path = self.out / "cl_quality_superseded.json"
+        kept = json.loads(path.read_text()) if path.exists() else []
+        kept.append({"row": row, "examples": self.examples[key], "superseded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        atomic_write_text(path, json.dumps(kept))
+        self.rows.remove(row)
+        del self.examples[key]
+        atomic_write_text(self.examples_path, json.dumps(self.examples))
+        self.write()
+
     def write(self) -> None:
         kwargs = {} if self.draws is None else {"draws": self.draws}
         summary = aggregate(self.rows, self.examples, cache=self.stats_cache, **kwargs)
         payload = {"budget": asdict(self.budget), "rows": self.rows, "aggregate": summary}
         atomic_write_text(self.path, json.dumps(payload, indent=1))
         write_report(self.out, self.budget, self.rows, summary, self.readme)
+
+
+def redo(results: Results, labels: list[str], sequences: dict[str, list[str]], seeds: list[int], data: Path,
+         budget: Budget, storage: Path) -> None:
+    """After a change to a method's code: its finished rows (on `sequences`, at `seeds`) move to the
+    superseded file and its run folders to `<storage>/superseded/`, so that the benchmark runs them
+    again from the start instead of reusing their rows or ledgers."""
+    from pipelines.config import parse_config
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for sequence, tasks in sequences.items():
+        for label in labels:
+            for seed in seeds:
+                row = results.finished(label, sequence, tasks, seed)
+                if row is not None:
+                    results.supersede(row)
+                run_dir = storage / parse_config(run_config(label, sequence, tasks, seed, data, budget)).run_id
+                if run_dir.exists():
+                    (storage / "superseded").mkdir(exist_ok=True)
+                    run_dir.rename(storage / "superseded" / f"{run_dir.name}.{stamp}")
+                if row is not None or run_dir.exists():
+                    print(f"{label} on {sequence}, seed {seed}: superseded; it runs again", flush=True)
 
 
 def strongest_other(rows: list[dict], sequence: str, seed: int, labels: list[str]) -> str | None:
@@ -297,6 +332,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--estimate", action="store_true", help="print the plan's size and time, run nothing")
     parser.add_argument("--report", action="store_true", help="rewrite the aggregate and report, run nothing")
     parser.add_argument("--readme", type=Path, help="also rewrite this README's report section (between its markers)")
+    parser.add_argument("--redo", default="", help="methods (of --methods) whose code changed: their rows on --sequence "
+                        "at --seeds and their run folders are moved aside, and they run again")
     return parser.parse_args(argv)
 
 
@@ -331,6 +368,13 @@ def checked_plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], list[s
     return sequences, labels, seeds
 
 
+def checked_redo(redo: str, labels: list[str]) -> list[str]:
+    chosen = [m for m in redo.split(",") if m]
+    if outside := [m for m in chosen if m not in labels]:
+        raise SystemExit(f"--redo: {outside} not among --methods {labels}")
+    return chosen
+
+
 def check_configs(sequences: dict[str, list[str]], labels: list[str], seed: int, data: Path, budget: Budget) -> None:
     """Every run's config validates (fields, method params) before the first run starts; the model's
     bounds (rank ≤ hidden size) are checked as each run starts, before its compute."""
@@ -359,6 +403,7 @@ def main(argv=None) -> None:
         return
     data, storage = args.data.resolve(), args.storage.resolve()
     check_configs(sequences, labels, seeds[0], data, budget)
+    redo(results, checked_redo(args.redo, labels), sequences, seeds, data, budget, storage)
     run_benchmark(sequences, labels, seeds, results,
                   lambda label, sequence, tasks, seed: run_one(label, sequence, tasks, seed, data, budget, storage))
     print(estimate(sequences, labels, seeds, results), file=sys.stderr)

@@ -10,6 +10,7 @@ from benchmarks import cl_quality
 from benchmarks.cl_quality import Budget, Results, planned_runs, run_benchmark, run_config
 from benchmarks.cl_report import goals
 from benchmarks.cl_stats import aggregate, compare, decode, encode, run_key, run_stats, summarize
+from pipelines.config import parse_config
 
 ROW_KEYS = {"method", "sequence", "order", "seed", "AA", "BwT", "FwT", "forgetting", "learning_gain", "strip_rate",
             "task_agnostic_AA", "task_agnostic_BwT", "steps_per_task", "n_test", "trainable_params", "wall_s", "oracle"}
@@ -216,13 +217,42 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
     assert row["learning_gain"] == 30.0 and row["steps_per_task"] == 16
 
 
-def test_run_config_carries_the_budget_seed_and_ablation(tmp_path):
-    for task in cl_quality.SEQUENCES["multiemo"]:  # the shared data's layout, a few rows
-        (tmp_path / task).mkdir()
+def write_task_folders(root, tasks):
+    """Task folders in the shared data's layout, a few rows each."""
+    for task in tasks:
+        (root / task).mkdir(parents=True)
         for split in ("train", "test"):
-            (tmp_path / task / f"{split}.jsonl").write_text("".join(
+            (root / task / f"{split}.jsonl").write_text("".join(
                 json.dumps({"text": f"review {i}", "label": label}) + "\n"
                 for i, label in enumerate(["positive", "negative", "ambivalent", "neutral", "negative"])))
+
+
+def test_a_method_whose_code_changed_runs_again_and_its_old_row_and_run_are_kept(tmp_path):
+    data, storage, out, budget = tmp_path / "data", tmp_path / "runs", tmp_path / "out", Budget(model="tiny")
+    write_task_folders(data, SEQUENCES["s1"])
+    run_benchmark(SEQUENCES, ["moe_cl", "seq_lora"], [0], Results(out, budget, draws=DRAWS), fake_run(AA, []))
+    run_dir = storage / parse_config(run_config("seq_lora", "s1", SEQUENCES["s1"], 0, data, budget)).run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "ledger.json").write_text('{"stages": {}}')
+    with pytest.raises(SystemExit, match="--redo: \\['seta'\\] not among --methods"):
+        cl_quality.checked_redo("seta", ["moe_cl", "seq_lora"])
+
+    results = Results(out, budget, draws=DRAWS)
+    cl_quality.redo(results, cl_quality.checked_redo("seq_lora", ["moe_cl", "seq_lora"]), SEQUENCES, [0], data,
+                    budget, storage)
+    assert [r["method"] for r in json.loads((out / "cl_quality.json").read_text())["rows"]] == ["moe_cl"]
+    superseded = json.loads((out / "cl_quality_superseded.json").read_text())
+    assert [s["row"]["method"] for s in superseded] == ["seq_lora"] and superseded[0]["examples"]["oracle"]
+    assert not run_dir.exists()
+    [moved] = (storage / "superseded").iterdir()
+    assert moved.name.startswith(run_dir.name + ".") and (moved / "ledger.json").read_text() == '{"stages": {}}'
+    again = []
+    run_benchmark(SEQUENCES, ["moe_cl", "seq_lora"], [0], Results(out, budget, draws=DRAWS), fake_run(AA, again))
+    assert again == [("seq_lora", "s1", 0)]
+
+
+def test_run_config_carries_the_budget_seed_and_ablation(tmp_path):
+    write_task_folders(tmp_path, cl_quality.SEQUENCES["multiemo"])
     cfg = run_config("moe_cl_no_gan", "multiemo", cl_quality.SEQUENCES["multiemo"], 2, tmp_path,
                      Budget(steps_per_task=16, batch_size=8))
     assert cfg["method"] == {"name": "moe_cl", "params": {"adv_weight": 0.0}}
