@@ -245,10 +245,11 @@ def redo(results: Results, labels: list[str], sequences: dict[str, list[str]], s
                 if row is not None:
                     results.supersede(row)
                 run_dir = storage / parse_config(run_config(label, sequence, tasks, seed, data, budget)).run_id
-                if run_dir.exists():
+                started = run_dir.exists()
+                if started:
                     (storage / "superseded").mkdir(exist_ok=True)
                     run_dir.rename(storage / "superseded" / f"{run_dir.name}.{stamp}")
-                if row is not None or run_dir.exists():
+                if row is not None or started:
                     print(f"{label} on {sequence}, seed {seed}: superseded; it runs again", flush=True)
 
 

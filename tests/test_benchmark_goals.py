@@ -227,7 +227,7 @@ def write_task_folders(root, tasks):
                 for i, label in enumerate(["positive", "negative", "ambivalent", "neutral", "negative"])))
 
 
-def test_a_method_whose_code_changed_runs_again_and_its_old_row_and_run_are_kept(tmp_path):
+def test_a_method_whose_code_changed_runs_again_and_its_old_row_and_run_are_kept(tmp_path, capsys):
     data, storage, out, budget = tmp_path / "data", tmp_path / "runs", tmp_path / "out", Budget(model="tiny")
     write_task_folders(data, SEQUENCES["s1"])
     run_benchmark(SEQUENCES, ["moe_cl", "seq_lora"], [0], Results(out, budget, draws=DRAWS), fake_run(AA, []))
@@ -240,6 +240,7 @@ def test_a_method_whose_code_changed_runs_again_and_its_old_row_and_run_are_kept
     results = Results(out, budget, draws=DRAWS)
     cl_quality.redo(results, cl_quality.checked_redo("seq_lora", ["moe_cl", "seq_lora"]), SEQUENCES, [0], data,
                     budget, storage)
+    assert capsys.readouterr().out.splitlines()[-1] == "seq_lora on s1, seed 0: superseded; it runs again"
     assert [r["method"] for r in json.loads((out / "cl_quality.json").read_text())["rows"]] == ["moe_cl"]
     superseded = json.loads((out / "cl_quality_superseded.json").read_text())
     assert [s["row"]["method"] for s in superseded] == ["seq_lora"] and superseded[0]["examples"]["oracle"]
