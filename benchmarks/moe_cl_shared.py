@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cl_core.atomic import atomic_write_text
 from cl_core.base_model import load_tokenizer
 from cl_core.metrics import average_accuracy, backward_transfer
 from cl_core.precision import base_settings, resolve_precision
@@ -133,8 +134,8 @@ def main() -> None:
                 done.append(row)
                 print(f"{sequence} {variant} seed {seed}: AA {row['AA']:.1f} BwT {row['BwT']:+.1f} "
                       f"({row['wall_s']:.0f} s)", flush=True)
-            RESULTS.write_text(json.dumps({"steps_per_task": args.steps, "test_examples": args.test_examples,
-                                           "runs": done, "vs_lr1": compare(done)}, indent=1))
+                atomic_write_text(RESULTS, json.dumps({"steps_per_task": args.steps, "test_examples": args.test_examples,
+                                                       "runs": done, "vs_lr1": compare(done)}, indent=1))
     print(json.dumps(compare(done), indent=1))
 
 
