@@ -76,6 +76,12 @@ def positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tenso
     return (offset + mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def at_last_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x[b, t] at each row's last position where `mask` is 1 ([B, T, ...] → [B, ...]), with left
+    or right padding: the first position where the running count of masked tokens peaks."""
+    return x[torch.arange(len(x), device=x.device), mask.long().cumsum(-1).argmax(-1)]
+
+
 class LMObjective:
     name = "lm"
 
@@ -176,7 +182,7 @@ class HeadObjective:
 
     def _logits(self, model: ContinualModel, ids, mask, task_ids) -> torch.Tensor:
         hidden = model.hidden_states(ids, mask).last_hidden_state
-        last = hidden[torch.arange(len(ids), device=ids.device), mask.sum(1) - 1]
+        last = at_last_token(hidden, mask)
         tasks = task_ids.unique().tolist()
         if len(tasks) != 1:
             raise ValueError("the head objective needs batches of one task (per-task heads differ in size)")

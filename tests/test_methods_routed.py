@@ -11,12 +11,12 @@ from cl_core.methods import build_method
 from cl_core.methods.cmoe import LOC_MEAN, PLAN, probe_layers
 from cl_core.methods.dual_router import EMA, STEPS
 from cl_core.methods.common import prompt_mask
-from cl_core.methods.seta import GATES, PREFIX, TOKENS, last_prompt_positions, shared_parameters
+from cl_core.methods.seta import GATES, PREFIX, TOKENS, shared_parameters
 
 FISHER, ANCHOR, START = PREFIX + "fisher.", PREFIX + "anchor.", PREFIX + "start."  # cl_core.anchoring
 from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
-from cl_core.objectives import LMObjective, collate_prompts
+from cl_core.objectives import LMObjective, at_last_token, collate_prompts
 from cl_core.training import (Learner, evaluate_task, routing_for_eval, task_loss_fn, train_steps,
                               trainable_parameters)
 from tests.conftest import batches, synthetic_task, tiny_model
@@ -164,7 +164,7 @@ def _decision_gates(model, objective, examples) -> list[torch.Tensor]:
         hook.remove()
     with torch.no_grad():
         return [torch.softmax(layer.router.logits(torch.cat(
-            [x[torch.arange(len(x)), last_prompt_positions(m)] for x, m in zip(captured[i], masks)])), -1).mean(0)
+            [at_last_token(x, m) for x, m in zip(captured[i], masks)])), -1).mean(0)
             for i, layer in enumerate(model.bank.layers)]
 
 

@@ -58,6 +58,7 @@ from cl_core.anchoring import anchor_penalty, store_loss_scaled_fisher, store_st
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, prompt_mask
+from cl_core.objectives import at_last_token
 from cl_core.continual_model import ContinualModel
 
 PREFIX = "seta."
@@ -73,11 +74,6 @@ def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
                 params[f"layers.{i}.experts.{e}.{n}"] = p
             params[f"layers.{i}.router.rows.{e}"] = layer.router.rows[e]
     return params
-
-
-def last_prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each row's last prompt position (the first where the running count of prompt tokens peaks)."""
-    return mask.long().cumsum(1).argmax(1)
 
 
 @torch.no_grad()
@@ -104,7 +100,7 @@ def router_inputs(model: ContinualModel, batches, loss_fn, per_layer: int, seed:
     out = []
     for xs in captured:
         prompt = torch.cat([x[m] for x, m in zip(xs, masks)])
-        decision = torch.cat([x[torch.arange(len(x), device=x.device), last_prompt_positions(m)] for x, m in zip(xs, masks)])
+        decision = torch.cat([at_last_token(x, m) for x, m in zip(xs, masks)])
         out.append(torch.cat([draw(prompt), draw(decision)]))
     return out
 
