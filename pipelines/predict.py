@@ -100,9 +100,9 @@ class Predictor:
         # Serving computes on the CPU: the base keeps the dtype it trained in, and its attention is
         # the CPU's choice for that precision (a bf16 run trained on a GPU records sdpa, whose bf16
         # kernel on a CPU is slower than eager).
-        model = stages["model"]["outputs"]
-        cpu = base_settings(model["precision"], torch.device("cpu"))
-        self.base = ModelSpec(**model["spec"]).model_copy(update={"attention": cpu["attention"]})
+        model_stage = stages["model"]["outputs"]
+        cpu = base_settings(model_stage["precision"], torch.device("cpu"))
+        self.base = ModelSpec(**model_stage["spec"]).model_copy(update={"attention": cpu["attention"]})
         self.bank_task = bank_task(self.cfg, stages, bank_of)
         self.bank_dir = Path(stages[f"task{self.bank_task}/bank"]["outputs"]["path"])
         self.bank_sha256 = stages[f"task{self.bank_task}/bank"]["outputs"]["sha256"]
