@@ -1,0 +1,86 @@
+"""Which part of a SETA run's final bank loses its earlier tasks: the shared experts' drift or the
+later tasks' unique experts and router rows.
+
+    python -m benchmarks.seta_drift RUN_DIR [--out benchmarks/results/seta_drift.json]
+
+For each earlier task j, on its test split with the task id given (`oracle`, as the accuracy
+matrix is scored) and the run's own banks:
+- `bank_j`: the bank after task j as it is (R[j, j], up to CPU thread-count rounding in bf16);
+- `final`: the final bank as it is (the last row of the matrix);
+- `final_with_bank_j_shared`: the final bank with the shared parameters (shared experts' LoRA
+  factors and their router rows, `seta.shared_parameters`) as they were after task j, so that
+  only the later unique experts and their rows differ from bank j;
+- `bank_j_with_final_shared`: bank j with the final shared parameters, so that only the shared
+  drift differs (no later expert exists in it).
+Everything else in SETA's bank is frozen after its task, so these split the forgetting between
+the two. Banks load as `clpipe predict` loads them (`Predictor`: the run's base and precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from cl_core.atomic import atomic_write_text
+from cl_core.methods.seta import shared_parameters
+from cl_core.training import evaluate_task
+from pipelines.data import load_prepared
+from pipelines.predict import Predictor, read_run
+
+
+def shared_values(stage) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in shared_parameters(stage.model).items()}
+
+
+@torch.no_grad()
+def set_shared(stage, values: dict[str, torch.Tensor]) -> None:
+    for k, p in shared_parameters(stage.model).items():
+        p.copy_(values[k])
+
+
+def drift_split(run_dir: Path) -> dict[str, dict[str, float]]:
+    cfg, stages = read_run(run_dir)
+    if cfg.method.name != "seta":
+        raise SystemExit(f"{run_dir}: a {cfg.method.name} run; this splits a seta run's forgetting")
+    names = [t.name for t in cfg.tasks]
+    last = len(names) - 1
+    if f"task{last}/bank" not in stages:
+        raise SystemExit(f"{run_dir}: the run has no bank after its last task ({names[last]}) yet")
+
+    def accuracy(stage, t: int) -> float:
+        examples = load_prepared(stages[f"task{t}/prepare"]["outputs"]["path"], "test")
+        return 100 * evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
+                                   "oracle")["accuracy"]
+
+    final = Predictor(run_dir, bank_of=names[last]).stage
+    final_shared = shared_values(final)
+    split = {}
+    for j in range(last):
+        own = Predictor(run_dir, bank_of=names[j]).stage
+        own_shared = shared_values(own)
+        row = {"bank_j": accuracy(own, j), "final": accuracy(final, j)}
+        set_shared(final, own_shared)
+        row["final_with_bank_j_shared"] = accuracy(final, j)
+        set_shared(final, final_shared)
+        set_shared(own, final_shared)
+        row["bank_j_with_final_shared"] = accuracy(own, j)
+        split[names[j]] = row
+        print(names[j], {k: round(v, 1) for k, v in row.items()}, flush=True)
+    return split
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="write {run, tasks: {task: accuracies}} here as JSON")
+    args = parser.parse_args(argv)
+    split = drift_split(args.run_dir)
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"run": args.run_dir.name, "tasks": split}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
