@@ -28,7 +28,7 @@ from cl_core.atomic import atomic_write_text
 from cl_core.methods.seta import shared_parameters
 from cl_core.training import evaluate_task
 from pipelines.data import load_prepared
-from pipelines.predict import Predictor, read_run
+from pipelines.predict import PredictError, Predictor, find_run, read_run
 
 
 def shared_values(stage) -> dict[str, torch.Tensor]:
@@ -47,26 +47,24 @@ def drift_split(run_dir: Path) -> dict[str, dict[str, float]]:
         raise SystemExit(f"{run_dir}: a {cfg.method.name} run; this splits a seta run's forgetting")
     names = [t.name for t in cfg.tasks]
     last = len(names) - 1
-    if f"task{last}/bank" not in stages:
-        raise SystemExit(f"{run_dir}: the run has no bank after its last task ({names[last]}) yet")
 
-    def accuracy(stage, t: int) -> float:
-        examples = load_prepared(stages[f"task{t}/prepare"]["outputs"]["path"], "test")
-        return 100 * evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
+    def accuracy(stage, test: list[dict]) -> float:
+        return 100 * evaluate_task(stage.model, stage.objective, stage.method, test, cfg.eval.batch_size,
                                    "oracle")["accuracy"]
 
-    final = Predictor(run_dir, bank_of=names[last]).stage
+    final = Predictor(run_dir, bank_of=names[last]).stage  # names the missing bank if there is none
     final_shared = shared_values(final)
     split = {}
     for j in range(last):
+        test = load_prepared(stages[f"task{j}/prepare"]["outputs"]["path"], "test")
         own = Predictor(run_dir, bank_of=names[j]).stage
         own_shared = shared_values(own)
-        row = {"bank_j": accuracy(own, j), "final": accuracy(final, j)}
+        row = {"bank_j": accuracy(own, test), "final": accuracy(final, test)}
         set_shared(final, own_shared)
-        row["final_with_bank_j_shared"] = accuracy(final, j)
+        row["final_with_bank_j_shared"] = accuracy(final, test)
         set_shared(final, final_shared)
         set_shared(own, final_shared)
-        row["bank_j_with_final_shared"] = accuracy(own, j)
+        row["bank_j_with_final_shared"] = accuracy(own, test)
         split[names[j]] = row
         print(names[j], {k: round(v, 1) for k, v in row.items()}, flush=True)
     return split
@@ -77,7 +75,10 @@ def main(argv=None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="write {run, tasks: {task: accuracies}} here as JSON")
     args = parser.parse_args(argv)
-    split = drift_split(args.run_dir)
+    try:
+        split = drift_split(find_run(args.run_dir.parent, args.run_dir.name))
+    except PredictError as e:
+        raise SystemExit(f"{args.run_dir}: {e}") from None
     if args.out:
         atomic_write_text(args.out, json.dumps({"run": args.run_dir.name, "tasks": split}, indent=1))
 
