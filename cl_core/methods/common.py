@@ -31,3 +31,15 @@ def prompt_mask(batch: dict) -> torch.Tensor:
 def prompt_query(model: ContinualModel, batch: dict) -> torch.Tensor:
     """Frozen per-sample features [B, q]: mean input embedding of the prompt tokens."""
     return model.bank.query(batch["input_ids"], prompt_mask(batch))
+
+
+def shared_param_groups(params: list[torch.nn.Parameter], shared: set[int], lr: float, lr_scale: float,
+                        weight_decay: float) -> list[dict]:
+    """Optimizer groups over the trainable `params`: the shared experts' (ids in `shared`) at
+    `lr · lr_scale` with `weight_decay`, the rest at `lr` without: the shared experts are the
+    part an old task still runs through, so their drift is what makes it forget."""
+    groups = [{"params": [p for p in params if id(p) not in shared], "lr": lr, "weight_decay": 0.0}]
+    own = [p for p in params if id(p) in shared]
+    if own:
+        groups.append({"params": own, "lr": lr * lr_scale, "weight_decay": weight_decay})
+    return groups

@@ -35,7 +35,7 @@ from pydantic import Field
 from cl_core.anchoring import anchor_penalty, store_anchor, store_loss_scaled_fisher, store_start
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.methods.common import add_task_experts
+from cl_core.methods.common import add_task_experts, shared_param_groups
 from cl_core.continual_model import ContinualModel
 
 PREFIX = "moe_cl."
@@ -107,12 +107,7 @@ class MoECL(Method):
 
     def param_groups(self, model: ContinualModel, params: list[torch.nn.Parameter], lr: float) -> list[dict]:
         shared = {id(p) for p in shared_parameters(model).values()}
-        groups = [{"params": [p for p in params if id(p) not in shared], "lr": lr, "weight_decay": 0.0}]
-        own = [p for p in params if id(p) in shared]
-        if own:
-            groups.append({"params": own, "lr": lr * self.params.shared_lr_scale,
-                           "weight_decay": self.params.shared_weight_decay})
-        return groups
+        return shared_param_groups(params, shared, lr, self.params.shared_lr_scale, self.params.shared_weight_decay)
 
     def _discriminator_batch(self, model: ContinualModel, layer: int, features: torch.Tensor,
                              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

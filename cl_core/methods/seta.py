@@ -20,6 +20,10 @@ set up). Scaled Fishers add up over tasks, θ* is the latest, and on later tasks
 
 which, at anchor_lambda 1, equals task t's loss when the shared parameters move as far again.
 
+A slower shared part. `shared_lr_scale` gives the shared parameters their own learning rate in
+the optimizer (as MoE-CL's shared expert has): on SmolLM2 they alone explain what SETA forgets
+(`benchmarks/seta_drift.py`), and no anchor_lambda kept order1's BwT ≥ −3 (README, SETA).
+
 Router protection. Nothing else stops a later task's router row from taking over an earlier
 task's tokens (measured on the tiny model: the newest row took the largest gate mass on the old
 task's tokens). So after task t, router inputs of its tokens are kept per layer
@@ -57,7 +61,7 @@ from pydantic import Field
 from cl_core.anchoring import anchor_penalty, store_loss_scaled_fisher, store_start
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.methods.common import add_task_experts, prompt_mask
+from cl_core.methods.common import add_task_experts, prompt_mask, shared_param_groups
 from cl_core.objectives import at_last_token
 from cl_core.continual_model import ContinualModel
 
@@ -110,6 +114,7 @@ class SETAParams(MethodParams):
     anchor_lambda: float = Field(1.0, ge=0)  # 1: the penalty is the size of the task loss (see above)
     router_weight: float = Field(10.0, ge=0)
     router_memory: int = Field(64, ge=1)  # stored prompt tokens, and decision positions, per task and layer
+    shared_lr_scale: float = Field(1.0, gt=0)  # the shared experts' and rows' learning rate over the others'
 
 
 @register(SETAParams)
@@ -133,6 +138,10 @@ class SETA(Method):
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {}  # the learned router routes on the tokens alone
+
+    def param_groups(self, model: ContinualModel, params: list[torch.nn.Parameter], lr: float) -> list[dict]:
+        shared = {id(p) for p in shared_parameters(model).values()}
+        return shared_param_groups(params, shared, lr, self.params.shared_lr_scale, weight_decay=0.0)
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:
         return anchor_penalty(model, PREFIX, shared_parameters(model))
