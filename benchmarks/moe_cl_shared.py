@@ -47,6 +47,7 @@ VARIANTS = {
     "ema0.9": {"shared_lr_scale": 1.0, "shared_ema": 0.9},
     "lr0.1-nogan": {"shared_lr_scale": 0.1, "adv_weight": 0.0},
     "fisher1": {"shared_lr_scale": 1.0, "shared_anchor": "fisher", "shared_anchor_weight": 1.0},
+    "fisher3": {"shared_lr_scale": 1.0, "shared_anchor": "fisher", "shared_anchor_weight": 3.0},
     "fisher10": {"shared_lr_scale": 1.0, "shared_anchor": "fisher", "shared_anchor_weight": 10.0},
 }
 
