@@ -206,8 +206,7 @@ class Results:
     def add(self, row: dict, examples: dict) -> None:
         self.examples[run_key(row)] = examples
         self.rows.append(row)
-        atomic_write_text(self.examples_path, json.dumps(self.examples))
-        self.write()
+        self._save()
 
     def supersede(self, row: dict) -> None:
         """Moves a finished row and its correctness to `cl_quality_superseded.json` beside the
@@ -219,6 +218,10 @@ class Results:
         atomic_write_text(path, json.dumps(kept))
         self.rows.remove(row)
         del self.examples[key]
+        self._save()
+
+    def _save(self) -> None:
+        """The correctness first: a row without it does not count as finished when read back."""
         atomic_write_text(self.examples_path, json.dumps(self.examples))
         self.write()
 
