@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, \
@@ -134,8 +134,8 @@ class MethodConfig(Strict):
         self._validated = method_params(self.name, self.params)
         return self
 
-    def build(self) -> Method:
-        return build_method(self.name, self._validated)
+    def build(self, task_labels: list[Iterable[str]] | None = None) -> Method:
+        return build_method(self.name, self._validated, task_labels)
 
 
 class BankSection(Strict):

@@ -12,20 +12,25 @@ from cl_core.base_model import ModelSpec
 from cl_core.methods.moe_cl import discriminator_input
 from cl_core.objectives import LMObjective, HeadObjective, positions, _pad
 from cl_core.training import Learner, build_optimizer, evaluate_task, task_loss_fn, train_steps
-from tests.conftest import batches, synthetic_task, tiny_model
+from pipelines.assembly import build_stage
+from pipelines.config import parse_config
+from tests.conftest import TINY, batches, synthetic_task, tiny_model, tiny_run
 
 
-def _two_tasks(tok):
+NEW_LABELS = ("w3", "w4", "w5")  # task 1's labels unless a test says otherwise; task 0 has w1, w2
+
+
+def _two_tasks(tok, task1_labels=NEW_LABELS):
     fmt0, ex0 = synthetic_task(tok, 0, 48, seed=1)
-    fmt1, ex1 = synthetic_task(tok, 1, 48, seed=2, labels=("w3", "w4", "w5"))
+    fmt1, ex1 = synthetic_task(tok, 1, 48, seed=2, labels=task1_labels)
     return [fmt0, fmt1], [ex0, ex1]
 
 
-def _moe_cl(adv_weight=0.1, **kw):
+def _moe_cl(adv_weight=0.1, task1_labels=NEW_LABELS, **kw):
     model, tok = tiny_model("task")
-    formats, examples = _two_tasks(tok)
+    formats, examples = _two_tasks(tok, task1_labels)
     objective = LMObjective(tok, formats)
-    method = build_method("moe_cl", adv_weight=adv_weight, **kw)
+    method = build_method("moe_cl", task_labels=[f.verbalizers for f in formats], adv_weight=adv_weight, **kw)
     return model, objective, method, examples
 
 
@@ -77,9 +82,9 @@ def test_shared_expert_trains_in_its_own_parameter_group():
     assert 0.9e-3 < step < 1.1e-3
 
 
-def _after_task1(**params) -> tuple[float, float]:
+def _after_task1(**params) -> tuple[float, float, dict[str, torch.Tensor]]:
     """(how far the shared expert moved from its end-of-task-0 value while task 1 trained, how
-    much task 0's training loss rose meanwhile)."""
+    much task 0's training loss rose meanwhile, the shared expert then)."""
     model, objective, method, examples = _moe_cl(adv_weight=0.0, **params)
     learner = Learner(model, objective, method)
     method.setup_task(model, 0)
@@ -98,26 +103,52 @@ def _after_task1(**params) -> tuple[float, float]:
     method.setup_task(model, 1)
     train_steps(learner, batches(objective.collate, examples[1], 8, epochs=2), lr=1e-2)
     moved = sum(float((p.detach() - end0[k]).pow(2).sum()) for k, p in _shared(model).items()) ** 0.5
-    return moved, task0_loss() - loss0
+    return moved, task0_loss() - loss0, {k: p.detach().clone() for k, p in _shared(model).items()}
 
 
 def test_anchors_pull_the_shared_expert_to_its_end_of_task_value():
-    free, _ = _after_task1(shared_lr_scale=1.0)
-    l2, _ = _after_task1(shared_lr_scale=1.0, shared_anchor="l2", shared_anchor_weight=10.0)
-    slow, _ = _after_task1(shared_lr_scale=0.1)
+    free, _, _ = _after_task1(shared_anchor="none")
+    l2, _, _ = _after_task1(shared_anchor="l2", shared_anchor_weight=10.0)
+    slow, _, _ = _after_task1(shared_anchor="none", shared_lr_scale=0.1)
     # measured: free 5.15, l2 0.18, lr x0.1 0.50
     assert l2 < 0.1 * free and slow < 0.2 * free
 
 
 def test_fisher_anchor_keeps_the_earlier_tasks_loss_and_lets_the_rest_move():
-    free, free_rise = _after_task1()
-    fisher, fisher_rise = _after_task1(shared_anchor="fisher", shared_anchor_weight=1.0)
+    free, free_rise, _ = _after_task1(shared_anchor="none")
+    fisher, fisher_rise, _ = _after_task1(shared_anchor="fisher", shared_anchor_weight=1.0)
     # measured: task 0's loss rose 1.71 free, 0.42 anchored, while the shared expert moved 5.15 and 4.59
     assert fisher_rise < 0.35 * free_rise and fisher > 0.7 * free
 
 
+def test_default_anchor_pulls_only_on_a_task_with_new_labels():
+    method = build_method("moe_cl", task_labels=[("a", "b"), ("c", "d"), ("b", "a")])
+    assert [method.anchors(t) for t in range(3)] == [False, True, False]
+    assert build_method("moe_cl", task_labels=[("a", "b"), ("a", "b")], shared_anchor_on="every_task").anchors(1)
+    assert not build_method("moe_cl", shared_anchor="none").anchors(1)
+    assert build_method("moe_cl").anchors(1)  # no labels given: every task counts as new
+
+
+def test_a_runs_stage_gives_moe_cl_each_tasks_label_set():
+    cfg = tiny_run("labels", tasks=3)
+    cfg["tasks"][2]["labels"] = ["w2", "w1"]  # task 0's label set again
+    stage = build_stage(parse_config(cfg), TINY)
+    assert stage.method.task_labels == [{"w1", "w2"}, {"w3", "w4"}, {"w1", "w2"}]
+    assert [stage.method.anchors(t) for t in range(3)] == [False, True, False]
+
+
+def test_default_anchor_holds_a_task_with_new_labels_and_leaves_one_with_earlier_labels_free():
+    *_, free_rise, _ = _after_task1(shared_anchor="none")
+    *_, default_rise, _ = _after_task1()
+    # measured: task 0's loss rose 1.69 free and fell 0.02 at the default (Fisher anchor, weight 10)
+    assert default_rise < 0.1 * free_rise, (default_rise, free_rise)
+    *_, same_free = _after_task1(task1_labels=("w1", "w2"), shared_anchor="none")
+    *_, same_default = _after_task1(task1_labels=("w1", "w2"))
+    assert all(torch.equal(same_default[k], v) for k, v in same_free.items())  # bit-identical: no pull
+
+
 def test_ema_puts_the_moving_average_in_the_bank():
-    model, objective, method, examples = _moe_cl(shared_ema=0.5)
+    model, objective, method, examples = _moe_cl(shared_ema=0.5, shared_anchor="none")
     learner = Learner(model, objective, method)
     method.setup_task(model, 0)
     train_steps(learner, batches(objective.collate, examples[0], 8), lr=1e-2)
@@ -142,7 +173,7 @@ def test_discriminator_width_equals_tasks_seen_and_keeps_its_rows():
 
 def _game_batch(model, method, objective, examples):
     method.setup_task(model, 0)
-    method.after_task(model, 0, lambda: batches(objective.collate, examples[0], 4), None)
+    method.after_task(model, 0, lambda: batches(objective.collate, examples[0], 4), task_loss_fn(model, objective, method))
     method.setup_task(model, 1)
     for layer in model.bank.layers:  # make the shared expert's output input-dependent
         for p in layer.experts[0].parameters():
@@ -213,7 +244,8 @@ def test_bank_save_load_gives_identical_logits(tmp_path):
     for task in (0, 1):
         method.setup_task(model, task)
         train_steps(learner, batches(objective.collate, examples[task], 8), lr=1e-2)
-        method.after_task(model, task, lambda: batches(objective.collate, examples[task], 4), None)
+        method.after_task(model, task, lambda: batches(objective.collate, examples[task], 4),
+                          task_loss_fn(model, objective, method))
         model.tasks.append(f"t{task}")
     manifest = model.save(tmp_path / "bank")
     assert manifest["tasks"] == ["t0", "t1"] and len(manifest["structure"]["bank"]["layers"][0]) == 3
@@ -311,7 +343,8 @@ def _probe_loss_after_training(adv_weight: float) -> tuple[float, float]:
     fmt0, ex0 = synthetic_task(tok, 0, 96, seed=1)
     fmt1, ex1 = synthetic_task(tok, 1, 96, seed=2, labels=("w3", "w4", "w5"))
     objective, examples = LMObjective(tok, [fmt0, fmt1]), [ex0, ex1]
-    method = build_method("moe_cl", adv_weight=adv_weight, adv_warmup_steps=0, feature_memory=32, shared_lr_scale=0.1)
+    method = build_method("moe_cl", adv_weight=adv_weight, adv_warmup_steps=0, feature_memory=32, shared_lr_scale=0.1,
+                          shared_anchor="none")
     learner = Learner(model, objective, method)
     for t in (0, 1):
         method.setup_task(model, t)

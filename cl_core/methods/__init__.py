@@ -4,12 +4,14 @@ A method is an object with hooks that the training loop calls. `Method` gives ev
 no-op default, so a method file defines only what makes it different. Its parameters are a
 pydantic model declared beside it (`NoParams` when it has none); the registry holds the pair, so
 a run config's `method.params` is checked field by field before anything runs.
-`build_method("moe_cl", adv_weight=0.1)` makes one from a run config.
+`build_method("moe_cl", adv_weight=0.1)` makes one from a run config. `task_labels` (each task's
+label set, as the run config gives it) is there for a method whose rule depends on what the tasks
+decide, e.g. MoE-CL anchoring its shared expert only on a task that brings new labels.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -47,8 +49,10 @@ class Method:
     mixes_tasks = False  # do its batches hold several tasks (then it needs the `lm` objective)?
     uses_earlier_examples = False  # does `training_examples` read earlier tasks' examples? (loaded only then)
 
-    def __init__(self, params: MethodParams | None = None):
+    def __init__(self, params: MethodParams | None = None, task_labels: Sequence[Iterable[str]] | None = None):
         self.params = params if params is not None else METHODS[self.name].params()
+        # None where whoever built the method did not say (a method that needs them says so when it does)
+        self.task_labels = None if task_labels is None else [frozenset(labels) for labels in task_labels]
 
     def experts_per_layer(self, tasks: int) -> int | None:
         """How many experts a layer holds after `tasks` tasks (None: not fixed in advance), so
@@ -117,11 +121,12 @@ def method_params(name: str, params: dict[str, Any]) -> MethodParams:
     return METHODS[name].params.model_validate(params)
 
 
-def build_method(name: str, params: MethodParams | None = None, **raw: Any) -> Method:
+def build_method(name: str, params: MethodParams | None = None,
+                 task_labels: Sequence[Iterable[str]] | None = None, **raw: Any) -> Method:
     """A method from validated `params`, or from keyword values validated here."""
     if params is None:
         params = method_params(name, raw)
-    return METHODS[name].method(params)
+    return METHODS[name].method(params, task_labels)
 
 
 def _register_builtin_methods() -> None:
