@@ -10,12 +10,14 @@ and this file controls its drift:
   (`cl_core.anchoring.store_loss_scaled_fisher`): at weight 1 the pull equals a task's loss when
   the shared expert moves as far again as it moved during that task;
 - `shared_ema` > 0: the bank keeps an exponential moving average of it over training steps.
-By default the Fisher anchor at weight 10 pulls only while a task with a label set of its own is
-trained (`shared_anchor_on` "new_labels"): measured on the shared sequences (README, MoE-CL), it
+`shared_anchor_on` "new_labels" lets the anchor pull only while a task with a label set of its
+own trains: measured on the shared sequences (README, MoE-CL), the Fisher anchor at weight 10
 turned order1's BwT (four label sets) from about −13 into about 0, while on MultiEmo (one label
-set, four domains) the free shared expert carries what later domains teach earlier ones (BwT +8)
-and the same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a
-method built without `task_labels`.
+set, four domains) the free shared expert carries what later domains teach earlier ones and the
+same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a method
+built without `task_labels`. The default stays the free shared expert (`shared_anchor` "none"):
+under ZeRO-3 the anchor reads the shared expert outside its forward, where DeepSpeed holds it
+partitioned (README, MoE-CL).
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
 the attention-masked mean of what the shared expert adds to the FFN. D descends on its cross-entropy over the
@@ -70,7 +72,7 @@ class MoECLParams(MethodParams):
     feature_memory: int = Field(64, ge=0)  # pooled shared features kept per earlier task and layer
     shared_lr_scale: float = Field(1.0, gt=0)  # measured: see README, MoE-CL
     shared_weight_decay: float = Field(0.0, ge=0)
-    shared_anchor: Literal["none", "l2", "fisher"] = "fisher"
+    shared_anchor: Literal["none", "l2", "fisher"] = "none"
     shared_anchor_weight: float = Field(10.0, ge=0)
     shared_anchor_on: Literal["new_labels", "every_task"] = "new_labels"
     shared_ema: float = Field(0.0, ge=0, lt=1)  # decay per optimizer step; 0 = no moving average
