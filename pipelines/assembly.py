@@ -63,10 +63,10 @@ def build_stage(cfg: RunConfig, base: ModelSpec, parent_bank: Path | None = None
     The bank's identity is the configured model (e.g. the GGUF file), not the cached copy it loads from.
     """
     lm, tokenizer = load_base_model(base)
-    method = cfg.method.build(task_labels=[t.verbalizers.values() for t in cfg.tasks])
+    formats = [task_format(t, cfg.training.max_length) for t in cfg.tasks]
+    method = cfg.method.build(task_labels=[f.verbalizers for f in formats])
     torch.manual_seed(cfg.training.seed)  # identical initial experts on every rank and every rerun
     model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.source)
-    formats = [task_format(t, cfg.training.max_length) for t in cfg.tasks]
     objective = build_objective(cfg.objective, tokenizer, formats)
     if parent_bank is not None:
         model.load(parent_bank)
