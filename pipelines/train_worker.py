@@ -146,6 +146,11 @@ def train_loop(config: dict) -> None:
                                            dist_init_required=False)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     partitioned = sum(not getattr(p, "ds_persist", True) for p in learner.parameters())
+    if zero_stage == 3:
+        # A method may read bank tensors outside their layer's forward (an anchor to their earlier
+        # values): registered with the learner, DeepSpeed gathers them for its whole forward.
+        for p in stage.model.bank_parameters():
+            deepspeed.zero.register_external_parameter(learner, p)
 
     current = load_prepared(config["data"][task], "train")
     earlier = [load_prepared(p, "train") for p in config["data"][:task]] if stage.method.uses_earlier_examples else []

@@ -122,18 +122,16 @@ def test_fisher_anchor_keeps_the_earlier_tasks_loss_and_lets_the_rest_move():
 
 
 def test_label_rule_anchors_only_a_task_with_new_labels():
-    method = build_method("moe_cl", task_labels=[("a", "b"), ("c", "d"), ("b", "a")], shared_anchor="fisher")
+    method = build_method("moe_cl", task_labels=[("a", "b"), ("c", "d"), ("b", "a")])  # the default
     assert [method.anchors(t) for t in range(3)] == [False, True, False]
-    assert build_method("moe_cl", task_labels=[("a", "b"), ("a", "b")], shared_anchor="fisher",
-                        shared_anchor_on="every_task").anchors(1)
-    assert not build_method("moe_cl", task_labels=[("a", "b"), ("c", "d")]).anchors(1)  # the default: free
-    assert build_method("moe_cl", shared_anchor="fisher").anchors(1)  # no labels given: every task counts as new
+    assert build_method("moe_cl", task_labels=[("a", "b"), ("a", "b")], shared_anchor_on="every_task").anchors(1)
+    assert not build_method("moe_cl", task_labels=[("a", "b"), ("c", "d")], shared_anchor="none").anchors(1)
+    assert build_method("moe_cl").anchors(1)  # no labels given: every task counts as new
 
 
 def test_a_runs_stage_gives_moe_cl_each_tasks_label_set():
     cfg = tiny_run("labels", tasks=3)
     cfg["tasks"][2]["labels"] = ["w2", "w1"]  # task 0's label set again
-    cfg["method"]["params"]["shared_anchor"] = "fisher"
     stage = build_stage(parse_config(cfg), TINY)
     assert stage.method.task_labels == [{"w1", "w2"}, {"w3", "w4"}, {"w1", "w2"}]
     assert [stage.method.anchors(t) for t in range(3)] == [False, True, False]

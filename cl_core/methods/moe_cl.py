@@ -15,9 +15,7 @@ own trains: measured on the shared sequences (README, MoE-CL), the Fisher anchor
 turned order1's BwT (four label sets) from about −13 into about 0, while on MultiEmo (one label
 set, four domains) the free shared expert carries what later domains teach earlier ones and the
 same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a method
-built without `task_labels`. The default stays the free shared expert (`shared_anchor` "none"):
-under ZeRO-3 the anchor reads the shared expert outside its forward, where DeepSpeed holds it
-partitioned (README, MoE-CL).
+built without `task_labels`. The default is that rule with the Fisher anchor at weight 10.
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
 the attention-masked mean of what the shared expert adds to the FFN. D descends on its cross-entropy over the
@@ -72,7 +70,7 @@ class MoECLParams(MethodParams):
     feature_memory: int = Field(64, ge=0)  # pooled shared features kept per earlier task and layer
     shared_lr_scale: float = Field(1.0, gt=0)  # measured: see README, MoE-CL
     shared_weight_decay: float = Field(0.0, ge=0)
-    shared_anchor: Literal["none", "l2", "fisher"] = "none"
+    shared_anchor: Literal["none", "l2", "fisher"] = "fisher"
     shared_anchor_weight: float = Field(10.0, ge=0)
     shared_anchor_on: Literal["new_labels", "every_task"] = "new_labels"
     shared_ema: float = Field(0.0, ge=0, lt=1)  # decay per optimizer step; 0 = no moving average
