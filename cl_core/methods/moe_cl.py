@@ -10,12 +10,12 @@ and this file controls its drift:
   (`cl_core.anchoring.store_loss_scaled_fisher`): at weight 1 the pull equals a task's loss when
   the shared expert moves as far again as it moved during that task;
 - `shared_ema` > 0: the bank keeps an exponential moving average of it over training steps.
-`shared_anchor_on` "new_labels" lets the anchor pull only while a task with a label set of its
-own trains: measured on the shared sequences (README, MoE-CL), the Fisher anchor at weight 10
+By default the Fisher anchor at weight 10 pulls only while a task with a label set of its own is
+trained (`shared_anchor_on` "new_labels"): measured on the shared sequences (README, MoE-CL), it
 turned order1's BwT (four label sets) from about −13 into about 0, while on MultiEmo (one label
-set, four domains) the free shared expert carries what later domains teach earlier ones and the
-same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a method
-built without `task_labels`. The default is that rule with the Fisher anchor at weight 10.
+set, four domains) the free shared expert carries what later domains teach earlier ones (BwT +8)
+and the same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a
+method built without `task_labels`.
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
 the attention-masked mean of what the shared expert adds to the FFN. D descends on its cross-entropy over the
