@@ -218,6 +218,9 @@ class Results:
         atomic_write_text(path, json.dumps(kept))
         self.rows.remove(row)
         del self.examples[key]
+        # Its rerun has the same key: stats cached from the old correctness would stand in for the new.
+        for cached in [k for k in self.stats_cache if k[0] == key]:
+            del self.stats_cache[cached]
         self._save()
 
     def _save(self) -> None:

@@ -252,6 +252,20 @@ def test_a_method_whose_code_changed_runs_again_and_its_old_row_and_run_are_kept
     assert again == [("seq_lora", "s1", 0)]
 
 
+def test_rows_run_again_after_redo_are_scored_on_their_new_correctness(tmp_path):
+    data, out, budget, labels = tmp_path / "data", tmp_path / "out", Budget(model="tiny"), ["moe_cl", "seq_lora"]
+    write_task_folders(data, SEQUENCES["s1"])
+    run_benchmark(SEQUENCES, labels, [0], Results(out, budget, draws=DRAWS), fake_run(AA, []))
+    results = Results(out, budget, draws=DRAWS)
+    results.write()  # the report, written as the benchmark does while the old rows are all there
+    cl_quality.redo(results, labels, SEQUENCES, [0], data, budget, tmp_path / "runs")
+    run_benchmark(SEQUENCES, labels, [0], results, fake_run({"moe_cl": 0.6, "seq_lora": 0.8}, []))
+    saved = json.loads((out / "cl_quality.json").read_text())["aggregate"]
+    assert saved == json.loads(json.dumps(aggregate(results.rows, results.examples, draws=DRAWS)))  # a new process's
+    aa = {m["method"]: m["AA"]["mean"] for m in saved["methods"]}
+    assert aa["seq_lora"] > aa["moe_cl"] + 10  # the new code's order, the reverse of the superseded rows'
+
+
 def test_run_config_carries_the_budget_seed_and_ablation(tmp_path):
     write_task_folders(tmp_path, cl_quality.SEQUENCES["multiemo"])
     cfg = run_config("moe_cl_no_gan", "multiemo", cl_quality.SEQUENCES["multiemo"], 2, tmp_path,
