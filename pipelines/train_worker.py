@@ -51,7 +51,8 @@ def deepspeed_config(cfg: RunConfig, largest_bank_param: int) -> dict:
     Routing calls gates and experts depending on the data, and the discriminator reads features
     outside the layer's output; replicated bank tensors need no gather for either, so ranks never
     wait on each other for them (ZeRO-3 hangs or fails when ranks touch different partitioned
-    parameters).
+    parameters). A read outside every layer's forward (MoE-CL's anchor) still needs them
+    registered with the learner: see `train_loop`.
     """
     if cfg.deepspeed.config:
         ds = json.loads(Path(cfg.deepspeed.config).read_text())
