@@ -25,7 +25,7 @@ test-fast: install
 
 # The main job: a real task sequence on SmolLM2-135M-Instruct, local Ray, local MLflow store.
 run: install
-	$(PY) -m pipelines.fetch_data --out data --tasks bbc_news_topic,vader_movieReviewSnippets
+	$(PY) -m pipelines.data.fetch --out data --tasks bbc_news_topic,vader_movieReviewSnippets
 	$(VENV)/bin/clpipe run configs/smollm2.yaml --storage $(STORAGE)
 
 tiny: install

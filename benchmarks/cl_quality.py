@@ -148,7 +148,7 @@ def run_one(label: str, sequence: str, tasks: list[str], seed: int, data: Path, 
     """One run through the pipeline (continued from its ledger if it started earlier): its row and
     its per-example correctness per task-id mode."""
     from pipelines.config import parse_config
-    from pipelines.driver import Driver
+    from pipelines.run.driver import Driver
 
     cfg = parse_config(run_config(label, sequence, tasks, seed, data, budget), f"cl_quality/{label}/{sequence}/s{seed}")
     result = Driver(cfg, storage).run()

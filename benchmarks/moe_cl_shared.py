@@ -35,7 +35,7 @@ from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.config import parse_config
-from pipelines.data import load_prepared, prepare_task
+from pipelines.data.tasks import load_prepared, prepare_task
 from benchmarks import cl_quality, cl_stats
 from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget
 

@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.config import parse_config
-    from pipelines.driver import Driver
+    from pipelines.run.driver import Driver
 
     runs, correct = {}, {}
     for precision in PRECISIONS:

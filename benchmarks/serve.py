@@ -69,10 +69,10 @@ def main() -> None:
     from ray import serve
 
     from pipelines.config import parse_config
-    from pipelines.data import load_split
-    from pipelines.driver import Driver, start_ray
-    from pipelines.predict import Predictor, read_run
-    from pipelines.serve import deploy
+    from pipelines.data.tasks import load_split
+    from pipelines.run.driver import Driver, start_ray
+    from pipelines.serve.predict import Predictor, read_run
+    from pipelines.serve.server import deploy
 
     run_dir = args.run_dir
     if run_dir is None:

@@ -27,8 +27,8 @@ import torch
 from cl_core.atomic import atomic_write_text
 from cl_core.methods.seta import shared_parameters
 from cl_core.training import evaluate_task
-from pipelines.data import load_prepared
-from pipelines.predict import PredictError, Predictor, find_run, read_run
+from pipelines.data.tasks import load_prepared
+from pipelines.serve.predict import PredictError, Predictor, find_run, read_run
 
 
 def shared_values(stage) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import build_objective
 from pipelines.config import RunConfig
-from pipelines.data import task_format
+from pipelines.data.tasks import task_format
 
 
 @dataclass

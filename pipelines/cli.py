@@ -28,7 +28,7 @@ def _storage(args) -> Path:
 
 def cmd_validate(args) -> int:
     from pipelines.config import load_config
-    from pipelines.driver import check_data
+    from pipelines.run.driver import check_data
 
     cfg = load_config(args.config)
     check_data(cfg)
@@ -38,9 +38,9 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from pipelines.config import load_config
-    from pipelines.driver import Driver, print_result
-    from pipelines.progress import ProgressBoard
-    from pipelines.sequence import task_records
+    from pipelines.run.driver import Driver, print_result
+    from pipelines.run.progress import ProgressBoard
+    from pipelines.run.sequence import task_records
 
     cfg = load_config(args.config)
     storage = _storage(args)
@@ -68,9 +68,9 @@ def _finished(run_dir: Path, tasks: list[dict]) -> bool:
 
 
 def cmd_status(args) -> int:
-    from pipelines.predict import find_run, read_run
-    from pipelines.report import accuracy_matrix, format_matrix
-    from pipelines.sequence import format_date, trained_at
+    from pipelines.serve.predict import find_run, read_run
+    from pipelines.run.report import accuracy_matrix, format_matrix
+    from pipelines.run.sequence import format_date, trained_at
 
     cfg, stages = read_run(find_run(_storage(args), args.run))
     names = [t.name for t in cfg.tasks]
@@ -127,7 +127,7 @@ def _experiment_id(uri: str, run_dir: Path | None) -> str | None:
     from mlflow import MlflowClient
 
     from pipelines.config import MlflowConfig
-    from pipelines.predict import read_run
+    from pipelines.serve.predict import read_run
 
     name = read_run(run_dir)[0].mlflow.experiment if run_dir else MlflowConfig().experiment
     found = MlflowClient(uri).get_experiment_by_name(name)
@@ -140,7 +140,7 @@ def _stop_on_sigterm(signum, frame):
 
 def cmd_predict(args) -> int:
     from cl_core.bank import atomic_write_text
-    from pipelines.predict import PredictError, Predictor, find_run, read_queries
+    from pipelines.serve.predict import PredictError, Predictor, find_run, read_queries
 
     predictor = Predictor(find_run(_storage(args), args.run), args.bank_of)
     if args.task is not None and args.task not in predictor.tasks:
@@ -160,14 +160,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pipelines.predict import find_run
-    from pipelines.serve import serve_run
+    from pipelines.serve.predict import find_run
+    from pipelines.serve.server import serve_run
 
     return serve_run(find_run(_storage(args), args.run), args.host, args.port, args.replicas)
 
 
 def cmd_tune(args) -> int:
-    from pipelines.tune import run_search
+    from pipelines.search.tune import run_search
 
     return run_search(Path(args.config), Path(args.search), _storage(args))
 
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder for all state (default: ./runs)")
     args = parser.parse_args(argv)
     from pipelines.config import ConfigError
-    from pipelines.data import DataError
-    from pipelines.predict import PredictError
+    from pipelines.data.tasks import DataError
+    from pipelines.serve.predict import PredictError
     from pipelines.tracking import TrackingError
 
     try:

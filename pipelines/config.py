@@ -184,7 +184,7 @@ class EvalConfig(Strict):
     task_id: Literal["oracle", "inferred", "both"] = "oracle"
     batch_size: int = Field(16, gt=0)
     target_precision: float = Field(0.9, gt=0, le=1)
-    # Rows per task for choosing decision thresholds (see pipelines.data.split_calibration); 0: none.
+    # Rows per task for choosing decision thresholds (see pipelines.data.tasks.split_calibration); 0: none.
     calibration_examples: int = Field(64, ge=0)
 
 
@@ -265,7 +265,7 @@ class RunConfig(Strict):
 
     def identity_hash(self) -> str:
         """Hash of everything that shapes the results except the task list, so that a run can have
-        tasks appended (pipelines.sequence identifies each task's stages); where a run runs and is
+        tasks appended (pipelines.run.sequence identifies each task's stages); where a run runs and is
         tracked does not count."""
         payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True, "tasks": True})
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

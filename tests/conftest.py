@@ -68,7 +68,7 @@ def ray_local():
     """One local Ray for the session (ray.init costs seconds); workers import the repo's packages."""
     import ray
 
-    from pipelines.driver import start_ray
+    from pipelines.run.driver import start_ray
     from pipelines.config import parse_config
 
     start_ray(parse_config(tiny_run()))

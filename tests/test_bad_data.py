@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipelines.config import ConfigError, DataPolicy, parse_config
-from pipelines.data import DataError, load_split
+from pipelines.data.tasks import DataError, load_split
 
 
 def _task(tmp_path, body: bytes, suffix=".jsonl", **extra):

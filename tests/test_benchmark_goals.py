@@ -205,7 +205,7 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
         def run(self):
             return result
 
-    monkeypatch.setattr("pipelines.driver.Driver", FakeDriver)
+    monkeypatch.setattr("pipelines.run.driver.Driver", FakeDriver)
     monkeypatch.setattr(cl_quality, "bank_size", lambda run_dir, n: 1234)
     row, examples = cl_quality.run_one("seq_lora", "mine", tasks, 3, tmp_path / "data", Budget(model="tiny"), tmp_path)
     assert set(row) == ROW_KEYS

@@ -13,7 +13,7 @@ import yaml
 from cl_core.metrics import calibrated_thresholds, decisions_at, strip_rate
 from pipelines.cli import main
 from pipelines.config import parse_config
-from pipelines.data import _limit, load_split, split_calibration
+from pipelines.data.tasks import _limit, load_split, split_calibration
 from tests.conftest import TINY, tiny_run
 
 # Label 1's scores in descending order 0.9 0.8 0.7 0.6 0.4 with truth 1 1 0 1 0: precision

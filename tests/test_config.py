@@ -5,8 +5,8 @@ import json
 import pytest
 
 from pipelines.config import ConfigError, load_config, parse_config
-from pipelines.driver import check_data
-from pipelines.data import DataError
+from pipelines.run.driver import check_data
+from pipelines.data.tasks import DataError
 
 
 def _task(name="a", **data):

@@ -110,7 +110,7 @@ def test_unsupported_architecture_is_named():
 
 
 def test_an_empty_bank_is_the_base_model_and_scores_as_every_untrained_bank():
-    """The untrained baseline scores the base model alone (pipelines.stages.evaluate_untrained):
+    """The untrained baseline scores the base model alone (pipelines.run.stages.evaluate_untrained):
     every method's experts start with B = 0, so its untrained bank answers the same."""
     from cl_core.methods import METHODS, build_method
     from cl_core.objectives import LMObjective

@@ -57,7 +57,7 @@ def test_secret_looking_values_are_never_logged():
 
 
 def test_busy_seconds_count_overlapping_stages_once_and_no_time_between_crash_and_rerun(tmp_path, monkeypatch):
-    from pipelines import ledger as ledger_module
+    from pipelines.run import ledger as ledger_module
 
     ledger = ledger_module.Ledger(tmp_path, "hash")
     clock = iter([10.0, 20.0, 110.0])  # when each stage is settled

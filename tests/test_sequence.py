@@ -6,8 +6,8 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.config import ConfigError, parse_config
-from pipelines.driver import Driver
-from pipelines.sequence import SequenceError
+from pipelines.run.driver import Driver
+from pipelines.run.sequence import SequenceError
 from tests.conftest import tiny_run
 
 
@@ -27,7 +27,7 @@ def test_run_id_ignores_the_task_list_and_fingerprints_grow_by_prefix():
     two, three = parse_config(tiny_run("s", tasks=2)), parse_config(tiny_run("s", tasks=3))
     assert two.run_id == three.run_id
     assert parse_config(tiny_run("s", tasks=2, training={"lr": 0.5})).run_id != two.run_id
-    from pipelines.sequence import task_records
+    from pipelines.run.sequence import task_records
     a, b = task_records(two), task_records(three)
     assert [r["fingerprint"] for r in a] == [r["fingerprint"] for r in b[:2]]
     assert len({r["fingerprint"] for r in b}) == 3

@@ -16,12 +16,12 @@ import torch
 from cl_core.bank import atomic_write_text
 from cl_core.metrics import calibrated_thresholds, decisions_at
 from cl_core.training import predict_probs
-from pipelines.calibration import load_thresholds
+from pipelines.run.calibration import load_thresholds
 from pipelines.cli import main
 from pipelines.config import parse_config
-from pipelines.data import load_prepared, load_split
-from pipelines.driver import Driver
-from pipelines.predict import Predictor
+from pipelines.data.tasks import load_prepared, load_split
+from pipelines.run.driver import Driver
+from pipelines.serve.predict import Predictor
 from tests.conftest import tiny_run
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def serving(run, tmp_path):
     """Serve a copy of the run whose ledger stops after task 0's bank; yields (url, copy, full ledger)."""
     from ray import serve
 
-    from pipelines.serve import deploy
+    from pipelines.serve.server import deploy
 
     cfg, _, run_dir = run
     copy = tmp_path / cfg.run_id

@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.seta_drift import drift_split
 from pipelines.config import parse_config
-from pipelines.driver import Driver
+from pipelines.run.driver import Driver
 from tests.conftest import tiny_run
 
 pytestmark = pytest.mark.slow

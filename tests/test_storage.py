@@ -7,7 +7,7 @@ import torch
 from cl_core.training import Learner, trainable_parameters
 from pipelines.assembly import build_stage
 from pipelines.config import parse_config
-from pipelines.train_worker import ENGINE_TAG, checkpoint_only_trainable, deepspeed_config, skip_shm_jit
+from pipelines.run.worker import ENGINE_TAG, checkpoint_only_trainable, deepspeed_config, skip_shm_jit
 from tests.conftest import tiny_run
 
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config
-from pipelines.search_space import SearchConfig, params_hash, plan_concurrency, trial_config, validate_search
-from pipelines.tune import format_table
+from pipelines.search.space import SearchConfig, params_hash, plan_concurrency, trial_config, validate_search
+from pipelines.search.tune import format_table
 from tests.conftest import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def _mlflow_runs(storage: Path):
 
 @pytest.fixture(scope="module")
 def grid_search(ray_local, tmp_path_factory):
-    from pipelines.tune import run_search
+    from pipelines.search.tune import run_search
 
     tmp = tmp_path_factory.mktemp("grid")
     run, search = _write(tmp, tiny_run("grid", tasks=2), {"space": GRID, "max_concurrent_trials": 2})
@@ -191,7 +191,7 @@ def test_grid_search_writes_a_runnable_best_config(grid_search):
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_search_runs_no_trial(grid_search, capsys):
-    from pipelines.tune import run_search
+    from pipelines.search.tune import run_search
 
     tmp, _, _ = grid_search
     configs = sorted((tmp / "s" / "trials").glob("grid-trial-*/config.yaml"))
@@ -209,7 +209,7 @@ def test_rerun_of_a_finished_search_runs_no_trial(grid_search, capsys):
 
 @pytest.mark.slow
 def test_asha_stops_a_clearly_worse_trial_early(ray_local, tmp_path):
-    from pipelines.tune import run_search
+    from pipelines.search.tune import run_search
 
     # One trial at a time, the good learning rate first: ASHA has its result at stage 1 when the
     # other (lr 1e-7: the bank stays where it started) reports its stage 1.

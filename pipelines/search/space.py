@@ -1,5 +1,5 @@
 """The search file of `clpipe tune`: its schema, its check against the run config, and the run
-config of each trial (see pipelines/tune.py for the file format and the search).
+config of each trial (see pipelines/search/tune.py for the file format and the search).
 
 Every path and every value a trial can get is applied to the run config and parsed before
 anything starts, so a bad search file fails like a bad run config: exit code 2, the path named.

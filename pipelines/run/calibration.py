@@ -1,5 +1,5 @@
 """Decision thresholds: per task and label, chosen at each evaluate stage on the task's calibration
-slice (see `pipelines.data.split_calibration`), stored beside the bank as `thresholds.json`.
+slice (see `pipelines.data.tasks.split_calibration`), stored beside the bank as `thresholds.json`.
 
 A prediction is *decided* (needs no person) when its label's probability reaches the label's
 threshold: the lowest one whose precision reached `eval.target_precision` on the slice. A label
@@ -17,7 +17,7 @@ from cl_core.atomic import atomic_write_text
 from cl_core.metrics import calibrated_thresholds
 from cl_core.training import predict_probs
 from pipelines.config import RunConfig
-from pipelines.data import load_prepared
+from pipelines.data.tasks import load_prepared
 
 THRESHOLDS_FILE = "thresholds.json"
 

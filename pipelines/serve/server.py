@@ -24,7 +24,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipelines.predict import PredictError, Predictor, latest_bank, read_run
+from pipelines.serve.predict import PredictError, Predictor, latest_bank, read_run
 
 APP_NAME = "clpipe"
 # Ray Serve forms the next batch while the current one runs, from what arrives within this wait:
@@ -119,7 +119,7 @@ def serve_run(run_dir: Path, host: str, port: int, replicas: int) -> int:
 
     import ray
 
-    from pipelines.driver import start_ray
+    from pipelines.run.driver import start_ray
 
     if replicas < 1:
         raise PredictError(f"--replicas {replicas}: need at least 1")

@@ -23,10 +23,10 @@ from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import evaluate_task, plan_task, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
-from pipelines.calibration import save_thresholds, task_thresholds
+from pipelines.run.calibration import save_thresholds, task_thresholds
 from pipelines.config import RunConfig
-from pipelines.data import load_prepared, prepare_task
-from pipelines.progress import StageProgress
+from pipelines.data.tasks import load_prepared, prepare_task
+from pipelines.run.progress import StageProgress
 
 # Ray Train reports block ~1.9 s each with the default health-check interval; 0.1 s makes it ~0.08 s.
 # A train stage's workers wait for the previous task's evaluation to free its CPUs/GPUs: give them
@@ -85,7 +85,7 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train_worker import BANK_TENSORS, train_loop
+    from pipelines.run.worker import BANK_TENSORS, train_loop
 
     trainer = TorchTrainer(
         train_loop,

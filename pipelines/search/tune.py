@@ -5,7 +5,7 @@ Each trial is a whole task sequence run by the same `Driver` as `clpipe run`, un
 ledger: a trial restarted after a crash continues from its last done stage. The trial reports to
 Tune after each task (`stage` = number of tasks learned so far, the ASHA time attribute), so ASHA
 can stop a poor trial after its first tasks. This module runs the search; the search file and the
-trials' run configs are in `pipelines/search_space.py`, one trial in `pipelines/trial.py`, and
+trials' run configs are in `pipelines/search/space.py`, one trial in `pipelines/search/trial.py`, and
 every MLflow call goes through `pipelines/tracking.py`.
 
 Layout under `--storage DIR`:
@@ -56,9 +56,9 @@ from typing import Any
 import yaml
 
 from pipelines.config import ConfigError, RunConfig
-from pipelines.search_space import (SearchConfig, load_search, param_space, plan_concurrency, search_id, trial_config,
+from pipelines.search.space import (SearchConfig, load_search, param_space, plan_concurrency, search_id, trial_config,
                                     trial_params)
-from pipelines.trial import run_trial, trial_dirname
+from pipelines.search.trial import run_trial, trial_dirname
 
 
 def _short(params: dict) -> str:
@@ -81,7 +81,7 @@ def _prewarm(ctx: dict) -> None:
     (two concurrent `prepare`s of one task collide on the cache folder)."""
     import ray
 
-    from pipelines import stages
+    from pipelines.run import stages
 
     from cl_core.base_model import ModelSpec
 
@@ -187,7 +187,7 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
     import ray
 
     from pipelines.config import load_config
-    from pipelines.driver import check_data, start_ray
+    from pipelines.run.driver import check_data, start_ray
     from pipelines.tracking import Tracker, default_tracking_uri
 
     wall = time.perf_counter()

@@ -30,9 +30,9 @@ from cl_core.objectives import collate_prompts, encode_prompt
 from cl_core.precision import base_settings
 from cl_core.training import predict_probs, to_device
 from pipelines.assembly import build_stage
-from pipelines.calibration import load_thresholds
+from pipelines.run.calibration import load_thresholds
 from pipelines.config import RunConfig
-from pipelines.data import task_format
+from pipelines.data.tasks import task_format
 
 PROGRESS_MIN_ROWS = 256  # inputs at least this long get a progress bar
 
@@ -228,7 +228,7 @@ class Predictor:
 
 def read_queries(predictor: Predictor, path: Path, default_task: str | None) -> list[Query]:
     """Every row of a JSONL/CSV/Parquet file, checked before any compute."""
-    from pipelines.data import DataError, read_file
+    from pipelines.data.tasks import DataError, read_file
 
     if not path.is_file():
         raise PredictError(f"--input {path}: file not found")

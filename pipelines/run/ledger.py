@@ -31,7 +31,7 @@ class Ledger:
 
     @property
     def tasks(self) -> list[dict]:
-        """The records of the tasks the run has started (pipelines.sequence), in order."""
+        """The records of the tasks the run has started (pipelines.run.sequence), in order."""
         return self.data.get("tasks", [])
 
     def set_tasks(self, records: list[dict]) -> None:

@@ -23,8 +23,8 @@ import torch
 from cl_core.training import Learner, build_optimizer, to_device
 from pipelines.assembly import build_stage
 from pipelines.config import RunConfig
-from pipelines.data import load_prepared
-from pipelines.progress import StageProgress
+from pipelines.data.tasks import load_prepared
+from pipelines.run.progress import StageProgress
 
 ENGINE_TAG = "engine"
 BANK_TENSORS = "bank_tensors.safetensors"

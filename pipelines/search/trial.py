@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.search_space import trial_config, trial_params
+from pipelines.search.space import trial_config, trial_params
 
 
 def _partial_scores(rows: dict[int, list[float]], t: int, weight: float) -> dict[str, float]:
     from cl_core.metrics import average_accuracy, backward_transfer
-    from pipelines.report import accuracy_matrix
+    from pipelines.run.report import accuracy_matrix
 
     R = accuracy_matrix([rows[i] for i in range(t + 1)], t + 1)
     aa, bwt = average_accuracy(R), backward_transfer(R)
@@ -27,7 +27,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     """A Tune function trainable: one task sequence through the Driver, one report per task."""
     from ray import tune
 
-    from pipelines.driver import Driver
+    from pipelines.run.driver import Driver
     from pipelines.tracking import Tracker
 
     params = trial_params(config)

@@ -27,13 +27,13 @@ import yaml
 from cl_core.atomic import atomic_write_text
 from cl_core.metrics import cl_summary
 from cl_core.base_model import ModelSpec
-from pipelines import stages
+from pipelines.run import stages
 from pipelines.config import ConfigError, RunConfig
-from pipelines.data import load_split
-from pipelines.ledger import Ledger
-from pipelines.progress import ProgressBoard, progress_file
-from pipelines.report import accuracy_matrix, format_matrix, markdown_matrix, matrix_csv, matrix_heatmap
-from pipelines.sequence import check_extends, task_records, trained_at
+from pipelines.data.tasks import load_split
+from pipelines.run.ledger import Ledger
+from pipelines.run.progress import ProgressBoard, progress_file
+from pipelines.run.report import accuracy_matrix, format_matrix, markdown_matrix, matrix_csv, matrix_heatmap
+from pipelines.run.sequence import check_extends, task_records, trained_at
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
 
 

