@@ -129,8 +129,10 @@ def run_config(label: str, sequence: str, tasks: list[str], seed: int, data: Pat
 def correctness(run_dir: Path, tasks: int, mode: str = "oracle") -> list[list[list[int]]] | None:
     """correct[i][j] (j ≤ i): 0/1 per test example of task j after training task i, from the
     ledger; None if the run has no evaluation in this task-id mode."""
-    stages = json.loads((run_dir / "ledger.json").read_text())["stages"]
-    rows = [stages[f"task{i}/evaluate"]["outputs"]["rows"] for i in range(tasks)]
+    from pipelines.run.ledger import Ledger, StageKey
+
+    ledger = Ledger.read(run_dir)
+    rows = [ledger.outputs(StageKey("evaluate", i))["rows"] for i in range(tasks)]
     if any(mode not in row for row in rows):
         return None
     return [rows[i][mode]["correct"][:i + 1] for i in range(tasks)]

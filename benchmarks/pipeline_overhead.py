@@ -70,7 +70,8 @@ def main() -> None:
 
     start = time.perf_counter()
     from pipelines.config import parse_config
-    from pipelines.run.driver import Driver, print_result
+    from pipelines.run.driver import Driver
+    from pipelines.run.results import print_result
 
     cfg = parse_config(benchmark_config(args.data, args.train_examples, args.test_examples), "pipeline_overhead")
     storage = args.storage or Path(tempfile.mkdtemp(prefix="clpipe-overhead-"))

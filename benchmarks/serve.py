@@ -41,7 +41,7 @@ def benchmark_config(data: Path, train_examples: int, test_examples: int) -> dic
         "training": {"epochs": 1, "lr": 5e-4, "batch_size": 8, "max_length": 96, "checkpoint_every": 10},
         "deepspeed": {"zero_stage": 2},
         "ray": {"num_workers": 1, "cpus_per_worker": 2},
-        "eval": {"batch_size": 16, "calibration_examples": 32},
+        "eval": {"batch_size": 16, "validation_examples": 32},
     }
 
 
@@ -71,7 +71,8 @@ def main() -> None:
     from pipelines.config import parse_config
     from pipelines.data.tasks import load_split
     from pipelines.run.driver import Driver, start_ray
-    from pipelines.serve.predict import Predictor, read_run
+    from pipelines.run.results import read_run
+    from pipelines.serve.predict import Predictor
     from pipelines.serve.server import deploy
 
     run_dir = args.run_dir

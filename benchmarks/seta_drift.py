@@ -28,7 +28,9 @@ from cl_core.atomic import atomic_write_text
 from cl_core.methods.seta import shared_parameters
 from cl_core.training import evaluate_task
 from pipelines.data.tasks import load_prepared
-from pipelines.serve.predict import PredictError, Predictor, find_run, read_run
+from pipelines.run.ledger import LedgerError, StageKey
+from pipelines.run.results import find_run, read_run
+from pipelines.serve.predict import PredictError, Predictor
 
 
 def shared_values(stage) -> dict[str, torch.Tensor]:
@@ -42,7 +44,7 @@ def set_shared(stage, values: dict[str, torch.Tensor]) -> None:
 
 
 def drift_split(run_dir: Path) -> dict[str, dict[str, float]]:
-    cfg, stages = read_run(run_dir)
+    cfg, ledger = read_run(run_dir)
     if cfg.method.name != "seta":
         raise SystemExit(f"{run_dir}: a {cfg.method.name} run; this splits a seta run's forgetting")
     names = [t.name for t in cfg.tasks]
@@ -56,7 +58,7 @@ def drift_split(run_dir: Path) -> dict[str, dict[str, float]]:
     final_shared = shared_values(final)
     split = {}
     for j in range(last):
-        test = load_prepared(stages[f"task{j}/prepare"]["outputs"]["path"], "test")
+        test = load_prepared(ledger.outputs(StageKey("prepare", j))["path"], "test")
         own = Predictor(run_dir, bank_of=names[j]).stage
         own_shared = shared_values(own)
         row = {"bank_j": accuracy(own, test), "final": accuracy(final, test)}
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         split = drift_split(find_run(args.run_dir.parent, args.run_dir.name))
-    except PredictError as e:
+    except (PredictError, LedgerError) as e:
         raise SystemExit(f"{args.run_dir}: {e}") from None
     if args.out:
         atomic_write_text(args.out, json.dumps({"run": args.run_dir.name, "tasks": split}, indent=1))

@@ -135,14 +135,21 @@ def evaluate_task(model: ContinualModel, objective, method, examples: list[dict]
                   task_id_mode: str = "oracle", target_precision: float = 0.9,
                   thresholds: list[float | None] | None = None,
                   on_batch: Callable[[int], None] | None = None) -> dict:
-    """Accuracy and strip rate of the model on one task's encoded examples, and whether each
-    example was answered correctly (for intervals over test examples).
+    """Accuracy and strip rate of the model on one task's encoded examples (see `score_probs`)."""
+    p = predict_probs(model, objective, method, examples, batch_size, task_id_mode, on_batch)
+    return score_probs(p, examples, target_precision, thresholds)
+
+
+def score_probs(probs: torch.Tensor, examples: list[dict], target_precision: float = 0.9,
+                thresholds: list[float | None] | None = None) -> dict:
+    """Accuracy and strip rate of [n, C] label probabilities on the examples they answer, and
+    whether each example was answered correctly (for intervals over examples).
 
     `strip_rate` picks its thresholds on these examples (an upper bound); with `thresholds` fixed
     in advance (see `calibrated_thresholds`), also what they decide: `strip_rate_calibrated` and
     `precision_calibrated`.
     """
-    p = predict_probs(model, objective, method, examples, batch_size, task_id_mode, on_batch).numpy().astype(np.float64)
+    p = probs.numpy().astype(np.float64)
     y = np.array([ex["label"] for ex in examples])
     correct = p.argmax(1) == y
     out = {"accuracy": float(correct.mean()), "strip_rate": strip_rate(p, y, target_precision).macro,

@@ -38,8 +38,9 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from pipelines.config import load_config
-    from pipelines.run.driver import Driver, print_result
+    from pipelines.run.driver import Driver
     from pipelines.run.progress import ProgressBoard
+    from pipelines.run.results import print_result
     from pipelines.run.sequence import task_records
 
     cfg = load_config(args.config)
@@ -59,31 +60,34 @@ def cmd_run(args) -> int:
 def _finished(run_dir: Path, tasks: list[dict]) -> bool:
     """Report written for exactly these tasks and MLflow complete (else the Driver goes through the
     ledger: it refuses a changed task, trains appended ones and reconciles MLflow)."""
-    ledger, summary = run_dir / "ledger.json", run_dir / "report" / "summary.json"
-    if not (ledger.exists() and summary.exists()):
+    from pipelines.run.ledger import LEDGER_FILE, Ledger
+
+    summary = run_dir / "report" / "summary.json"
+    if not ((run_dir / LEDGER_FILE).exists() and summary.exists()):
         return False
-    data = json.loads(ledger.read_text())
-    return data.get("tasks") == tasks and len(json.loads(summary.read_text())["tasks"]) == len(tasks) and \
-        data["meta"].get("mlflow_complete", False)
+    ledger = Ledger.read(run_dir)
+    return ledger.tasks == tasks and len(json.loads(summary.read_text())["tasks"]) == len(tasks) and \
+        ledger.meta("mlflow_complete", False)
 
 
 def cmd_status(args) -> int:
-    from pipelines.serve.predict import find_run, read_run
+    from pipelines.run.ledger import MODEL, StageKey
     from pipelines.run.report import accuracy_matrix, format_matrix
-    from pipelines.run.sequence import format_date, trained_at
+    from pipelines.run.results import find_run, read_run
+    from pipelines.run.sequence import format_date
 
-    cfg, stages = read_run(find_run(_storage(args), args.run))
+    cfg, ledger = read_run(find_run(_storage(args), args.run))
     names = [t.name for t in cfg.tasks]
-    model = stages.get("model", {}).get("outputs", {})
+    model = ledger.outputs(MODEL) or {}
     precision = model.get("precision", f"{cfg.training.precision}, not resolved yet")
     print(f"run {args.run}: {len(names)} tasks, method {cfg.method.name}, precision {precision}")
-    trained = trained_at(stages, len(names))
+    trained = ledger.trained_at()
     for t, name in enumerate(names):
-        states = [f"{s}:{'done' if f'task{t}/{s}' in stages else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
+        states = [f"{s}:{'done' if ledger.done(StageKey(s, t)) else 'todo'}" for s in ("prepare", "train", "bank", "evaluate")]
         when = f"trained {format_date(trained[t])}" if t in trained else "not trained yet"
         print(f"  task{t} {name:<28} {when:<30} " + "  ".join(states))
-    rows = [stages[f"task{t}/evaluate"]["outputs"]["rows"]["oracle"]["accuracy"]
-            for t in range(len(names)) if f"task{t}/evaluate" in stages]
+    rows = [ledger.outputs(StageKey("evaluate", t))["rows"]["oracle"]["accuracy"]
+            for t in range(len(names)) if ledger.done(StageKey("evaluate", t))]
     if rows:
         print(format_matrix(accuracy_matrix(rows, len(names)), names, scale=1.0))  # not evaluated yet: blank
     return 0
@@ -92,8 +96,10 @@ def cmd_status(args) -> int:
 def cmd_ui(args) -> int:
     from pipelines.tracking import default_tracking_uri
 
-    if args.run and not (_storage(args) / args.run / "ledger.json").exists():
-        raise SystemExit(f"no run {args.run!r} under {_storage(args)}")
+    from pipelines.run.results import find_run
+
+    if args.run:
+        find_run(_storage(args), args.run)  # an unknown run is an error before the server starts
     uri = default_tracking_uri(_storage(args))
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
@@ -127,7 +133,7 @@ def _experiment_id(uri: str, run_dir: Path | None) -> str | None:
     from mlflow import MlflowClient
 
     from pipelines.config import MlflowConfig
-    from pipelines.serve.predict import read_run
+    from pipelines.run.results import read_run
 
     name = read_run(run_dir)[0].mlflow.experiment if run_dir else MlflowConfig().experiment
     found = MlflowClient(uri).get_experiment_by_name(name)
@@ -140,7 +146,8 @@ def _stop_on_sigterm(signum, frame):
 
 def cmd_predict(args) -> int:
     from cl_core.bank import atomic_write_text
-    from pipelines.serve.predict import PredictError, Predictor, find_run, read_queries
+    from pipelines.run.results import find_run
+    from pipelines.serve.predict import PredictError, Predictor, read_queries
 
     predictor = Predictor(find_run(_storage(args), args.run), args.bank_of)
     if args.task is not None and args.task not in predictor.tasks:
@@ -160,7 +167,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pipelines.serve.predict import find_run
+    from pipelines.run.results import find_run
     from pipelines.serve.server import serve_run
 
     return serve_run(find_run(_storage(args), args.run), args.host, args.port, args.replicas)
@@ -211,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipelines.config import ConfigError
     from pipelines.data.tasks import DataError
+    from pipelines.run.ledger import LedgerError
     from pipelines.serve.predict import PredictError
     from pipelines.tracking import TrackingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrackingError, PredictError) as e:
+    except (ConfigError, DataError, TrackingError, PredictError, LedgerError) as e:
         print(f"clpipe: error: {e}", file=sys.stderr)
         return 2
 

@@ -184,8 +184,9 @@ class EvalConfig(Strict):
     task_id: Literal["oracle", "inferred", "both"] = "oracle"
     batch_size: int = Field(16, gt=0)
     target_precision: float = Field(0.9, gt=0, le=1)
-    # Rows per task for choosing decision thresholds (see pipelines.data.tasks.split_calibration); 0: none.
-    calibration_examples: int = Field(64, ge=0)
+    # Rows per task of the validation slice (pipelines.data.tasks.split_validation): validation
+    # accuracy, decision thresholds and Tune's scores read it; 0: none.
+    validation_examples: int = Field(100, ge=0)
 
 
 class DataPolicy(Strict):

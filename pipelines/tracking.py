@@ -143,9 +143,6 @@ class Tracker:
     def log(self, run: str, metrics: dict[str, float], step: int = 0) -> None:
         self.client.log_batch(run, metrics=[Metric(k, float(v), _now_ms(), step) for k, v in metrics.items()])
 
-    def tag(self, run: str, key: str, value: str) -> None:
-        self.client.set_tag(run, key, value)
-
     def describe(self, run: str, markdown: str) -> None:
         self.client.set_tag(run, DESCRIPTION, markdown)
 
@@ -158,13 +155,16 @@ class Tracker:
 
         entries = []
         for task, prepared, split in inputs:
+            if not (Path(prepared) / split).exists():  # an empty validation slice is not written
+                continue
             rows = datasets.load_from_disk(str(Path(prepared) / split))
+            read_from = "train" if split == "validation" else split  # the slice is rows of the train split
             if task.data.hub is not None:
                 hub = task.data.hub
                 source = HuggingFaceDatasetSource(path=hub.dataset, config_name=hub.config,
-                                                  split=getattr(hub, f"{split}_split"))
+                                                  split=getattr(hub, f"{read_from}_split"))
             else:  # the file the rows were read from; generated rows: the prepared folder
-                source = getattr(task.data, split) or str(Path(prepared) / split)
+                source = getattr(task.data, read_from) or str(Path(prepared) / split)
             # Hints about schema inference and source resolution, on every stage; the schema is
             # inferred when the entity is made, so that is inside too.
             with warnings.catch_warnings():
@@ -172,7 +172,7 @@ class Tracker:
                 dataset = from_huggingface(rows, source=source, name=f"{task.name}/{split}", targets="label")
                 # MlflowClient.log_inputs takes entities; mlflow.log_input converts the same way, for the active run only.
                 entity = dataset._to_mlflow_entity()
-            context = "training" if split == "train" else "evaluation"
+            context = {"train": "training", "validation": "validation"}.get(split, "evaluation")
             entries.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         self.client.log_inputs(run, datasets=entries)
 

@@ -11,6 +11,7 @@ from benchmarks.cl_quality import Budget, Results, planned_runs, run_benchmark, 
 from benchmarks.cl_report import goals
 from benchmarks.cl_stats import aggregate, compare, decode, encode, run_key, run_stats, summarize
 from pipelines.config import parse_config
+from pipelines.run.ledger import Ledger, StageKey
 
 ROW_KEYS = {"method", "sequence", "order", "seed", "AA", "BwT", "FwT", "forgetting", "learning_gain", "strip_rate",
             "task_agnostic_AA", "task_agnostic_BwT", "steps_per_task", "n_test", "trainable_params", "wall_s", "oracle"}
@@ -193,7 +194,9 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
     # The evaluate stages' rows as the pipeline records them: task 0's row may carry a later task (GEM FwT).
     rows = {"task0/evaluate": {"oracle": {"correct": [[1, 0, 1], [0, 0, 0]]}},
             "task1/evaluate": {"oracle": {"correct": [[1, 1, 0], [1, 0, 0]]}}}
-    (run_dir / "ledger.json").write_text(json.dumps({"stages": {k: {"outputs": {"rows": v}} for k, v in rows.items()}}))
+    ledger = Ledger(run_dir, "config-hash")
+    for key, row in rows.items():
+        ledger.mark_done(StageKey.parse(key), {"rows": row}, seconds=1.0)
     summary = {"oracle": {"AA": 50.0, "BwT": 0.0, "FwT": 1.0, "forgetting": 0.0}}
     result = SimpleNamespace(summary=summary, strip_calibrated={"oracle": [40.0, 60.0]}, run_dir=run_dir,
                              busy_s=3.25)

@@ -1,4 +1,4 @@
-"""Calibrated decision thresholds, the calibration slice, and `clpipe predict`'s input errors
+"""Calibrated decision thresholds, the validation slice, and `clpipe predict`'s input errors
 (all checked before any model loads)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 from cl_core.metrics import calibrated_thresholds, decisions_at, strip_rate
 from pipelines.cli import main
 from pipelines.config import parse_config
-from pipelines.data.tasks import _limit, load_split, split_calibration
+from pipelines.data.tasks import _limit, load_split, split_validation
 from tests.conftest import TINY, tiny_run
 
 # Label 1's scores in descending order 0.9 0.8 0.7 0.6 0.4 with truth 1 1 0 1 0: precision
@@ -58,28 +58,28 @@ def _file_task(tmp_path, n: int, **extra):
     return cfg, load_split(cfg.tasks[0], "train", 0, cfg.data).rows
 
 
-def test_calibration_slice_comes_from_rows_beyond_max_train_examples(tmp_path):
+def test_validation_slice_comes_from_rows_beyond_max_train_examples(tmp_path):
     cfg, rows = _file_task(tmp_path, 50, max_train_examples=30)
-    train, calibration, source = split_calibration(cfg.tasks[0], 0, rows, 64, seed=3)
+    train, validation, source = split_validation(cfg.tasks[0], 0, rows, 64, seed=3)
     assert source == "beyond max_train_examples"
     assert train == _limit(rows, 30, 3)  # the examples trained on do not change
-    assert len(calibration) == 20 and not {r["text"] for r in calibration} & {r["text"] for r in train}
+    assert len(validation) == 20 and not {r["text"] for r in validation} & {r["text"] for r in train}
 
 
-def test_calibration_slice_is_held_out_when_nothing_is_beyond(tmp_path):
+def test_validation_slice_is_held_out_when_nothing_is_beyond(tmp_path):
     cfg, rows = _file_task(tmp_path, 50)
-    train, calibration, source = split_calibration(cfg.tasks[0], 0, rows, 64, seed=3)
+    train, validation, source = split_validation(cfg.tasks[0], 0, rows, 64, seed=3)
     assert source == "held out of training"
-    assert (len(train), len(calibration)) == (40, 10)  # at most a fifth is held out
-    assert sorted(r["text"] for r in train + calibration) == sorted(r["text"] for r in rows)
+    assert (len(train), len(validation)) == (40, 10)  # at most a fifth is held out
+    assert sorted(r["text"] for r in train + validation) == sorted(r["text"] for r in rows)
 
 
-def test_synthetic_task_gets_fresh_calibration_rows():
+def test_synthetic_task_gets_fresh_validation_rows():
     cfg = parse_config(tiny_run())
     rows = load_split(cfg.tasks[0], "train", 0, cfg.data).rows
-    train, calibration, source = split_calibration(cfg.tasks[0], 0, rows, 16, seed=0)
-    assert (source, train, len(calibration)) == ("generated", rows, 16)
-    assert calibration != load_split(cfg.tasks[0], "test", 0, cfg.data).rows[:16]
+    train, validation, source = split_validation(cfg.tasks[0], 0, rows, 16, seed=0)
+    assert (source, train, len(validation)) == ("generated", rows, 16)
+    assert validation != load_split(cfg.tasks[0], "test", 0, cfg.data).rows[:16]
 
 
 # -- clpipe predict: input errors, before the model loads -------------------------------------------

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from benchmarks.pipeline_overhead import storage_figures
 from pipelines.config import ConfigError, parse_config
 from pipelines.run.driver import Driver, check_cluster
+from pipelines.run.ledger import Ledger, StageKey
 from pipelines.run.progress import ProgressBoard
 from pipelines.tracking import default_tracking_uri
 from tests.conftest import tiny_run
@@ -167,7 +168,7 @@ def test_bf16_mixed_under_zero3_learns_and_resumes_bit_identically(ray_local, tm
     assert result.precision == ledger["model"]["outputs"]["precision"] == "bf16-mixed"
     assert ledger["model"]["outputs"]["spec"]["dtype"] == "bfloat16"
     assert ledger["task0/train"]["outputs"]["partitioned_params"] >= 2 * 3 + 2  # the bf16 base is partitioned
-    bank = load_file(str(Path(ledger["task1/bank"]["outputs"]["path"]) / "bank.safetensors"))
+    bank = load_file(str(Path(Ledger.read(result.run_dir).outputs(StageKey("bank", 1))["path"]) / "bank.safetensors"))
     assert {t.dtype for t in bank.values() if t.is_floating_point()} == {torch.float32}  # what trains stays float32
     R, fp32 = result.matrices["oracle"], zero2_run[2].matrices["oracle"]
     assert R[0, 0] >= 75 and R[1, 1] >= 75 and np.nanmax(np.abs(R - fp32)) <= 10

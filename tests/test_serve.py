@@ -21,6 +21,7 @@ from pipelines.cli import main
 from pipelines.config import parse_config
 from pipelines.data.tasks import load_prepared, load_split
 from pipelines.run.driver import Driver
+from pipelines.run.ledger import Ledger, StageKey
 from pipelines.serve.predict import Predictor
 from tests.conftest import tiny_run
 
@@ -69,22 +70,24 @@ def test_predict_equals_the_evaluate_stage(run, tmp_path):
     assert 0 < sum(row["strip_rate_calibrated"]) and all(p >= 0.5 for p in row["precision_calibrated"] if p)
 
 
-def test_thresholds_come_from_the_calibration_slice(run):
+def test_thresholds_and_validation_accuracy_come_from_the_validation_slice(run):
     cfg, storage, run_dir = run
     predictor = Predictor(run_dir)
     stored = predictor.thresholds
-    stages = _ledger(run_dir)["stages"]
+    ledger = Ledger.read(run_dir)
+    validation_row = ledger.outputs(StageKey("evaluate", predictor.bank_task))["validation"]["oracle"]
     for t, task in enumerate(cfg.tasks):
-        data = stages[f"task{t}/prepare"]["outputs"]["path"]
-        calibration = load_prepared(data, "calibration")
-        assert stored["calibration"][task.name] == {"rows": 64, "source": "generated"}
+        data = ledger.outputs(StageKey("prepare", t))["path"]
+        validation = load_prepared(data, "validation")
+        assert stored["validation"][task.name] == {"rows": 100, "source": "generated"}
         seen = {tuple(ex["prompt_ids"]) for split in ("train", "test") for ex in load_prepared(data, split)}
-        assert not seen & {tuple(ex["prompt_ids"]) for ex in calibration}  # never trained on, not the test split
+        assert not seen & {tuple(ex["prompt_ids"]) for ex in validation}  # never trained on, not the test split
         s = predictor.stage
-        probs = predict_probs(s.model, s.objective, s.method, calibration, cfg.eval.batch_size).numpy()
-        chosen = calibrated_thresholds(probs.astype(np.float64), np.array([ex["label"] for ex in calibration]),
-                                       cfg.eval.target_precision)
+        probs = predict_probs(s.model, s.objective, s.method, validation, cfg.eval.batch_size).numpy()
+        labels = np.array([ex["label"] for ex in validation])
+        chosen = calibrated_thresholds(probs.astype(np.float64), labels, cfg.eval.target_precision)
         assert list(stored["thresholds"]["oracle"][task.name].values()) == chosen
+        assert validation_row["accuracy"][t] == pytest.approx(float(np.mean(probs.argmax(1) == labels)), abs=1e-12)
     summary = json.loads((run_dir / "report" / "summary.json").read_text())
     assert set(summary["strip_rate_calibrated"]) == {"oracle"}
 

@@ -94,13 +94,17 @@ def test_concurrency_fits_the_cluster(capsys):
         plan_concurrency(SearchConfig.model_validate({"space": GRID, "trial_workers": 2, "trial_cpus_per_worker": 1}), 2)
 
 
-def test_the_table_lists_every_trial():
-    rows = [{"trial": "a", "x": 1, "stages": "3/3", "AA": 80.0, "BwT": -5.0, "score": 80.0, "state": "finished"},
-            {"trial": "b", "x": 2, "stages": "1/3", "AA": 95.0, "BwT": 0.0, "score": 95.0, "state": "stopped@1"},
-            {"trial": "c", "x": 3, "stages": "0/3", "AA": None, "BwT": None, "score": None, "state": "ERROR"}]
+def test_the_table_lists_every_trial_with_validation_and_test_columns():
+    rows = [{"trial": "a", "x": 1, "stages": "3/3", "val_AA": 81.0, "val_BwT": -4.0, "AA": 80.0, "BwT": -5.0,
+             "score": 81.0, "state": "finished"},
+            {"trial": "b", "x": 2, "stages": "1/3", "val_AA": 94.0, "val_BwT": 0.0, "AA": 95.0, "BwT": 0.0,
+             "score": 94.0, "state": "stopped@1"},
+            {"trial": "c", "x": 3, "stages": "0/3", "val_AA": None, "val_BwT": None, "AA": None, "BwT": None,
+             "score": None, "state": "ERROR"}]
     table = format_table(rows, ["x"]).splitlines()
-    assert table[0].split() == ["trial", "x", "stages", "AA", "BwT", "score", "state"]
-    assert table[2].split() == ["b", "2", "1/3", "95.0", "+0.0", "95.0", "stopped@1"]
+    assert table[0].split() == ["trial", "x", "stages", "val", "AA", "val", "BwT", "score", "test", "AA", "test", "BwT",
+                                "state"]
+    assert table[2].split() == ["b", "2", "1/3", "94.0", "+0.0", "94.0", "95.0", "+0.0", "stopped@1"]
     assert table[3].split()[-1] == "ERROR" and len(table) == 4
 
 
@@ -162,7 +166,7 @@ def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search):
     searches = [r for r in runs if r.data.tags.get("clpipe.kind") == "search"]
     assert len(searches) == 1
     search = searches[0]
-    assert search.info.status == "FINISHED" and "best/AA" in search.data.metrics
+    assert search.info.status == "FINISHED" and {"best/val_AA", "best/AA"} <= set(search.data.metrics)
     assert search.data.params["space.method.params.adv_weight"] == json.dumps({"grid": [0.0, 0.1]})
     trials = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
     assert len(trials) == 4
@@ -183,6 +187,7 @@ def test_grid_search_writes_a_runnable_best_config(grid_search):
     rows = _trials_csv(tmp / "s")
     top = max(rows, key=lambda r: float(r["score"]))
     assert best.run_id == top["run_id"]
+    assert all(float(r["score"]) == pytest.approx(float(r["val_AA"])) for r in rows)  # metric AA: validation AA
     assert best.method.params["experts_per_task"] == int(top["method.params.experts_per_task"])
     assert (tmp / "s" / "trials" / best.run_id / "report" / "summary.json").exists()
     out = subprocess.run(CLPIPE + ["validate", str(best_file)], cwd=REPO, capture_output=True, text=True)
@@ -229,6 +234,30 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, tmp_path):
                and r.data.tags.get("clpipe.kind") == "sequence"]
     assert stopped[0].info.status == "KILLED" and stopped[0].data.tags["clpipe.tune_state"] == "stopped@1"
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_search_picks_on_validation_not_on_test(ray_local, tmp_path):
+    """A planted trial that is better on the test split and worse on validation is not picked: the
+    task's test file answers with the labels swapped, so the trial that learns (lr 0.01: high on
+    validation, rows of the train file) is worse on test than the one that learns nothing (lr 1e-7)."""
+    from cl_core.synthetic import synthetic_rows
+    from pipelines.search.tune import run_search
+
+    labels = ["w1", "w2"]
+    train, test = synthetic_rows(0, labels, 100, seed=0), synthetic_rows(0, labels, 24, seed=1)
+    swapped = [{**r, "label": labels[1 - labels.index(r["label"])]} for r in test]
+    for name, rows in (("train", train), ("test", swapped)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = tiny_run("planted", tasks=1)
+    base["tasks"][0]["data"] = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
+    run, search = _write(tmp_path, base, {"space": {"training.lr": {"grid": [0.01, 1.0e-7]}}, "max_concurrent_trials": 2})
+    assert run_search(run, search, tmp_path / "s") == 0
+    rows = {float(r["training.lr"]): r for r in _trials_csv(tmp_path / "s")}
+    learned, idle = rows[0.01], rows[1e-7]
+    assert float(learned["val_AA"]) > float(idle["val_AA"]) + 20  # better on validation ...
+    assert float(learned["AA"]) < float(idle["AA"]) - 20  # ... and worse on test: the planted trial is `idle`
+    assert load_config(next((tmp_path / "s").glob("*-search-*/best.yaml"))).training.lr == 0.01
 
 
 def _terminated_trials(experiment: Path) -> set[str]:

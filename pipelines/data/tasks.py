@@ -151,13 +151,14 @@ def _limit(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def split_calibration(task: TaskConfig, task_index: int, rows: list[dict], size: int,
-                      seed: int) -> tuple[list[dict], list[dict], str]:
-    """(rows to train on, a calibration slice of at most `size` rows, where it came from).
+def split_validation(task: TaskConfig, task_index: int, rows: list[dict], size: int,
+                     seed: int) -> tuple[list[dict], list[dict], str]:
+    """(rows to train on, a validation slice of at most `size` rows, where it came from).
 
     The slice is never trained on and is not the test split: rows beyond max_train_examples when
     the split has them (the rows trained on stay the same), fresh rows for a synthetic task, else
-    rows held out of training (at most a fifth of them).
+    rows held out of training (at most a fifth of them). Every choice reads it (decision
+    thresholds, Tune's scores); the test split is only reported.
     """
     train = _limit(rows, task.max_train_examples, seed)
     if len(train) < len(rows):
@@ -172,9 +173,9 @@ def split_calibration(task: TaskConfig, task_index: int, rows: list[dict], size:
 
 
 def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_length: int, seed: int,
-                 calibration_examples: int) -> str:
+                 validation_examples: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([task.model_dump(), task_index, tokenizer_id, max_length, seed, calibration_examples],
+    h.update(json.dumps([task.model_dump(), task_index, tokenizer_id, max_length, seed, validation_examples],
                         sort_keys=True).encode())
     for split in ("train", "test"):
         path = getattr(task.data, split)
@@ -186,10 +187,10 @@ def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_lengt
 
 
 def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str, max_length: int, seed: int,
-                 policy: DataPolicy, cache_root: Path, calibration_examples: int) -> dict:
-    """Tokenized train/calibration/test datasets for one task under `cache_root/<hash>` (see
-    `split_calibration`); returns paths, counts and where the calibration slice came from."""
-    key = content_hash(task, task_index, tokenizer_id, max_length, seed, calibration_examples)
+                 policy: DataPolicy, cache_root: Path, validation_examples: int) -> dict:
+    """Tokenized train/validation/test datasets for one task under `cache_root/<hash>` (see
+    `split_validation`); returns paths, counts and where the validation slice came from."""
+    key = content_hash(task, task_index, tokenizer_id, max_length, seed, validation_examples)
     out = cache_root / key
     summary_file = out / "summary.json"
     if summary_file.exists():
@@ -200,16 +201,16 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
     tmp = staging_dir(out)
     train = load_split(task, "train", task_index, policy, cache_root / "hub")
     test = load_split(task, "test", task_index, policy, cache_root / "hub")
-    train_rows, calibration_rows, source = split_calibration(task, task_index, train.rows, calibration_examples, seed)
-    splits = {"train": (train_rows, train.skipped), "calibration": (calibration_rows, Counter()),
+    train_rows, validation_rows, source = split_validation(task, task_index, train.rows, validation_examples, seed)
+    splits = {"train": (train_rows, train.skipped), "validation": (validation_rows, Counter()),
               "test": (_limit(test.rows, task.max_test_examples, seed), test.skipped)}
     for split, (rows, skipped) in splits.items():
         encoded = [{"prompt_ids": encode_prompt(tokenizer, fmt, r["text"]), "label": labels.index(r["label"]),
                     "task": task_index} for r in rows]
-        if encoded:  # `datasets` cannot read back an empty dataset: no calibration folder means no slice
+        if encoded:  # `datasets` cannot read back an empty dataset: no validation folder means no slice
             datasets.Dataset.from_list(encoded).save_to_disk(str(tmp / split))
         summary["splits"][split] = {"rows": len(encoded), "skipped": dict(skipped)}
-    summary["calibration_source"] = source
+    summary["validation_source"] = source
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     if not publish_dir(tmp, out):  # another process (a concurrent Tune trial) prepared the same task meanwhile
         return json.loads(summary_file.read_text())
@@ -217,7 +218,7 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
 
 
 def load_prepared(path: str, split: str) -> list[dict]:
-    """A prepared split's encoded rows; the calibration slice may be empty (no folder)."""
-    if split == "calibration" and not (Path(path) / split).exists():
+    """A prepared split's encoded rows; the validation slice may be empty (no folder)."""
+    if split == "validation" and not (Path(path) / split).exists():
         return []
     return datasets.load_from_disk(str(Path(path) / split)).to_list()

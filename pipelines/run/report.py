@@ -11,7 +11,6 @@ import csv
 import io
 import os
 import math
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib

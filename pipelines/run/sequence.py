@@ -67,8 +67,3 @@ def check_extends(recorded: list[dict], current: list[dict], run_id: str, traine
 
 def format_date(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def trained_at(stages: dict, tasks: int) -> dict[int, float]:
-    """Task index → when its train stage finished, from a ledger's stages."""
-    return {t: stages[f"task{t}/train"]["finished"] for t in range(tasks) if f"task{t}/train" in stages}

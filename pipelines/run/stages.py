@@ -21,9 +21,9 @@ from cl_core.atomic import atomic_write_text
 from cl_core.bank import BankError, load_bank
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_settings, resolve_precision
-from cl_core.training import evaluate_task, plan_task, task_loss_fn
+from cl_core.training import evaluate_task, plan_task, predict_probs, score_probs, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
-from pipelines.run.calibration import save_thresholds, task_thresholds
+from pipelines.run.calibration import save_thresholds, validation_scores
 from pipelines.config import RunConfig
 from pipelines.data.tasks import load_prepared, prepare_task
 from pipelines.run.progress import StageProgress
@@ -67,7 +67,7 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
 def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict:
     start = time.perf_counter()
     summary = prepare_task(cfg.tasks[task], task, load_tokenizer(base), base.source, cfg.training.max_length,
-                           cfg.training.seed, cfg.data, Path(cache_root), cfg.eval.calibration_examples)
+                           cfg.training.seed, cfg.data, Path(cache_root), cfg.eval.validation_examples)
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
     return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
@@ -176,42 +176,51 @@ def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, d
     """Task `task` before its training, for FwT as GEM defines it: the bank the earlier tasks left
     (`bank_dir`, with the task's plan where the method plans), the task set up as its train stage
     sets it up (same seed: the same fresh experts, gates and head), nothing trained; only the
-    task's own test split is read. One accuracy per mode."""
+    task's own test and validation splits are read. One accuracy per split and mode."""
     start = time.perf_counter()
     _threads()
     stage = build_stage(cfg, base, Path(bank_dir), setup_task=task)
     stage.model.to(_device(cfg))
-    examples = load_prepared(data_path, "test")
-    rows = {}
-    for mode in eval_modes(cfg, stage.method):
-        result = evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size, mode,
-                               cfg.eval.target_precision)
-        rows[mode] = {"accuracy": result["accuracy"], "correct": result["correct"]}
-    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    out = {split: {mode: _accuracy(stage.model, stage.objective, stage.method, cfg, load_prepared(data_path, split),
+                                   mode) for mode in eval_modes(cfg, stage.method)} for split in ("test", "validation")}
+    out = {"rows": out["test"], "validation": out["validation"], "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}
+
+
+def _accuracy(model, objective, method, cfg: RunConfig, examples: list[dict], mode: str) -> dict:
+    """Accuracy and per-example correctness on `examples` (accuracy None for an empty validation
+    slice); `method` None scores a model with an empty bank."""
+    if not examples:
+        return {"accuracy": None, "correct": []}
+    probs = predict_probs(model, objective, method, examples, cfg.eval.batch_size, mode)
+    scored = score_probs(probs, examples, cfg.eval.target_precision)
+    return {"accuracy": scored["accuracy"], "correct": scored["correct"]}
 
 
 @ray.remote
 def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str, data_paths: list[str], out_file: str,
              progress: str | None = None) -> dict:
-    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode.
+    """Accuracy and strip rate on every task 0..upto: one row of the accuracy matrix per mode, on
+    the test split (`rows`) and on the validation slices (`validation`: accuracy and correctness).
 
-    `strip_rate` picks its thresholds on the test split (an upper bound); `strip_rate_calibrated`
-    and `precision_calibrated` apply the thresholds chosen on the calibration slices, which are
-    stored beside the bank for `clpipe predict` and `clpipe serve`.
+    The decision thresholds are chosen on each task's validation slice and stored beside the bank
+    for `clpipe predict` and `clpipe serve`; `strip_rate_calibrated` and `precision_calibrated`
+    are what they decide on the test split. `strip_rate` picks its thresholds on the test split
+    itself: an upper bound.
     """
     start = time.perf_counter()
     _threads()
     stage = build_stage(cfg, base, Path(bank_dir))
     stage.model.to(_device(cfg))
     modes = eval_modes(cfg, stage.method)
-    rows, chosen = {}, {}
+    rows, validation, chosen = {}, {}, {}
     tests = {t: load_prepared(data_paths[t], "test") for t in range(upto + 1)}
     meter, done = StageProgress(progress, len(modes) * sum(map(len, tests.values())), "examples"), 0
     for mode in modes:
-        # Thresholds from each task's calibration slice.
-        chosen[mode] = [task_thresholds(stage, cfg, t, data_paths[t], mode) for t in range(upto + 1)]
+        scored = [validation_scores(stage, cfg, t, data_paths[t], mode) for t in range(upto + 1)]
+        chosen[mode] = [thresholds for thresholds, _ in scored]
+        validation[mode] = validation_row([row for _, row in scored])
         results = []
         for t, examples in tests.items():
             results.append(evaluate_task(stage.model, stage.objective, stage.method, examples, cfg.eval.batch_size,
@@ -220,9 +229,15 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str, data_pat
             done += len(examples)
         rows[mode] = matrix_row(results)
     save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "compute_s": time.perf_counter() - start}
+    out = {"rows": rows, "validation": validation, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
+
+
+def validation_row(results: list[dict]) -> dict[str, list]:
+    """Per-task validation scores in order → one row of the validation accuracy matrix (None
+    where a task has no slice) and the correctness behind it."""
+    return {key: [r[key] for r in results] for key in ("accuracy", "correct")}
 
 
 def matrix_row(results: list[dict]) -> dict[str, list]:
@@ -232,7 +247,7 @@ def matrix_row(results: list[dict]) -> dict[str, list]:
 
 
 # Part of every reused untrained row's key: change it when label scoring changes what it computes.
-UNTRAINED_SCORING = "lm-label-log-likelihood-1"
+UNTRAINED_SCORING = "lm-label-log-likelihood-2"  # 2: with the validation slice
 
 
 @ray.remote
@@ -243,8 +258,8 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
 
     Under the LM objective the untrained model is the base model: every expert starts with B = 0
     and adds nothing, so an empty bank answers as the untrained bank of any method and seed would.
-    Each task's row is then kept in `reuse_dir`, by what it depends on (model, prepared test split,
-    evaluation settings, device), for every later run of any method. Under the head objective the
+    Each task's rows (test and validation) are then kept in `reuse_dir`, by what they depend on
+    (model, prepared data, evaluation settings, device), for every later run of any method. Under the head objective the
     run's fresh heads answer (chance level): its own bank, nothing reused.
     """
     start = time.perf_counter()
@@ -253,12 +268,13 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
     stage = None
     tests = {t: load_prepared(data_paths[t], "test") for t in range(first, len(cfg.tasks))}
     meter, done = StageProgress(progress, sum(map(len, tests.values())), "examples"), 0
-    results, reused = [], []
+    results, validation, reused = [], [], []
     for t, examples in tests.items():
         path, inputs = _kept_untrained_row(cfg, base, data_paths[t], reuse_dir) if shared else (None, None)
         kept = _read_kept(path) if path is not None else None
         if kept is not None and kept.get("inputs") == inputs:  # not a foreign file
             results.append(kept["result"])
+            validation.append(kept["validation"])
             reused.append(cfg.tasks[t].name)
         else:
             if stage is None:
@@ -267,13 +283,16 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
             results.append(evaluate_task(stage.model, stage.objective, method, examples, cfg.eval.batch_size,
                                          "oracle", cfg.eval.target_precision,
                                          on_batch=lambda n, before=done: meter.update(before + n)))
+            validation.append(_accuracy(stage.model, stage.objective, method, cfg,
+                                        load_prepared(data_paths[t], "validation"), "oracle"))
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps({"inputs": inputs, "result": results[-1]}))
+                atomic_write_text(path, json.dumps({"inputs": inputs, "result": results[-1],
+                                                    "validation": validation[-1]}))
         done += len(examples)
         meter.update(done)
-    out = {"rows": {"oracle": matrix_row(results)}, "first": first, "reused": reused,
-           "compute_s": time.perf_counter() - start}
+    out = {"rows": {"oracle": matrix_row(results)}, "validation": {"oracle": validation_row(validation)},
+           "first": first, "reused": reused, "compute_s": time.perf_counter() - start}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the first training)
 
@@ -281,7 +300,7 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
 def _kept_untrained_row(cfg: RunConfig, base: ModelSpec, data_path: str, reuse_dir: str) -> tuple[Path, dict]:
     """Where a task's untrained row is kept, and what it depends on (stored in it, compared on reading)."""
     inputs = {"model": base.model_dump(mode="json"), "source": cfg.model.source, "device": _device(cfg).type,
-              "test": json.loads((Path(data_path) / "summary.json").read_text())["key"],
+              "prepared": json.loads((Path(data_path) / "summary.json").read_text())["key"],
               "batch_size": cfg.eval.batch_size, "target_precision": cfg.eval.target_precision,
               "scoring": UNTRAINED_SCORING}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()

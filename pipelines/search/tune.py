@@ -14,7 +14,8 @@ Layout under `--storage DIR`:
     DIR/trials/<trial run id>/       each trial's run folder (ledger, banks, report), as `clpipe run`
     DIR/tune/<search id>/            Tune's experiment state; rerunning the command restores it
     DIR/<search id>/best.yaml        the best finished trial's run config (`clpipe run` takes it)
-    DIR/<search id>/trials.csv       one row per trial: params, AA, BwT, score, state
+    DIR/<search id>/trials.csv       one row per trial: params, validation AA/BwT, score (chosen on),
+                                     test AA/BwT (reported only), state
 
 The search file (every field but `space` optional):
 
@@ -24,7 +25,7 @@ The search file (every field but `space` optional):
       bank.rank: {choice: [4, 8]}        # also {uniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded)
     search: grid                         # grid | random | optuna
     num_samples: 1                       # random/optuna: trials; grid: must be 1
-    metric: AA                           # AA (final AA) | weighted: AA + bwt_weight · BwT
+    metric: AA                           # AA (final AA) | weighted: AA + bwt_weight · BwT, both on validation
     mode: max
     scheduler: none                      # asha | none; asha uses grace_period, reduction_factor
     max_concurrent_trials: 2             # default: as many as the CPUs hold (see below)
@@ -147,21 +148,25 @@ def trial_rows(results, ctx: dict, paths: list[str], n_tasks: int) -> list[dict]
         except ConfigError:
             run_id = m.get("run_id", "?")
         rows.append({"trial": Path(r.path).name if r.path else m.get("trial_id", "?"), "run_id": run_id, **params,
-                     "stages": f"{stage or 0}/{n_tasks}", "AA": m.get("AA", m.get("AA_so_far")),
-                     "BwT": m.get("BwT", m.get("BwT_so_far")), "score": m.get("score"), "state": state})
+                     "stages": f"{stage or 0}/{n_tasks}",
+                     **{f"{split}{measure}": m.get(f"{split}{measure}", m.get(f"{split}{measure}_so_far"))
+                        for split in ("val_", "") for measure in ("AA", "BwT")},
+                     "score": m.get("score"), "state": state})
     return sorted(rows, key=lambda row: row["trial"])
 
 
 def format_table(rows: list[dict], paths: list[str]) -> str:
-    headers = ["trial", *paths, "stages", "AA", "BwT", "score", "state"]
+    columns = ["trial", *paths, "stages", "val_AA", "val_BwT", "score", "AA", "BwT", "state"]
+    headers = [{"val_AA": "val AA", "val_BwT": "val BwT", "AA": "test AA", "BwT": "test BwT"}.get(h, h) for h in columns]
+
     def cell(row, h):
         v = row.get(h)
         if v is None:
             return "-"
-        if h in ("AA", "BwT", "score"):
-            return f"{v:+.1f}" if h == "BwT" else f"{v:.1f}"
+        if h in ("val_AA", "val_BwT", "AA", "BwT", "score"):
+            return f"{v:+.1f}" if h.endswith("BwT") else f"{v:.1f}"
         return _fmt(v)
-    table = [headers] + [[cell(r, h) for h in headers] for r in rows]
+    table = [headers] + [[cell(r, h) for h in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
 
@@ -192,6 +197,9 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
 
     wall = time.perf_counter()
     search, base_data, base_cfg = load_search(search_path, config_path)
+    if base_cfg.eval.validation_examples == 0:
+        raise ConfigError(f"{config_path}: eval.validation_examples: 0 leaves the search nothing to choose on "
+                          f"(trials are scored on the validation slices, never on the test split)")
     check_data(base_cfg)
     storage = Path(storage).resolve()
     sid = search_id(base_cfg, search)
@@ -228,8 +236,9 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
         writer.writeheader()
         writer.writerows(rows)
         (out_dir / "trials.csv").write_text(buf.getvalue())
-        print(f"\nTrials of {sid} (metric: {'AA' if search.metric == 'AA' else f'AA + {search.weight:g}·BwT'}, "
-              f"{search.mode}; AA/BwT in points, of the tasks learned so far for stopped trials)")
+        print(f"\nTrials of {sid} (score: validation {'AA' if search.metric == 'AA' else f'AA + {search.weight:g}·BwT'}, "
+              f"{search.mode}; test AA/BwT are reported, never chosen on; points, of the tasks learned so far for "
+              f"stopped trials)")
         print(format_table(rows, paths))
         best_name = best_trial(results, search.mode)
         best = next((r for r in rows if r["trial"] == best_name), None)
@@ -242,14 +251,16 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
         data = best_cfg.model_dump()
         data["mlflow"] = (base_cfg.mlflow.model_dump())
         header = (f"# Best trial of search {sid}: {best['trial']} ({_short({p: best[p] for p in paths})}), "
-                  f"score {best['score']:.2f}, AA {best['AA']:.2f}, BwT {best['BwT']:+.2f}.\n"
+                  f"score {best['score']:.2f} (validation AA {best['val_AA']:.2f}, BwT {best['val_BwT']:+.2f}); "
+                  f"test AA {best['AA']:.2f}, BwT {best['BwT']:+.2f}.\n"
                   f"# Its run folder: {storage / 'trials' / best_cfg.run_id}. ray.* is the trial's "
                   f"({best_cfg.ray.num_workers} × {best_cfg.ray.cpus_per_worker:g} CPU); changing it changes the run id.\n"
                   f"# Run it again with\n"
                   f"#   clpipe run {out_dir / 'best.yaml'} --storage DIR\n")
         (out_dir / "best.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
         load_config(out_dir / "best.yaml")  # it must load as written
-        tracker.log(search_run, {"best/score": best["score"], "best/AA": best["AA"], "best/BwT": best["BwT"],
+        tracker.log(search_run, {"best/score": best["score"], "best/val_AA": best["val_AA"],
+                                 "best/val_BwT": best["val_BwT"], "best/AA": best["AA"], "best/BwT": best["BwT"],
                                  "trials/finished": sum(r["state"] == "finished" for r in rows),
                                  "trials/stopped": sum(r["state"].startswith("stopped") for r in rows),
                                  "trials/errors": len(errors)})
@@ -261,7 +272,8 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
                 print(f"[clpipe] warning: MLflow artifact {f}: {e}", file=sys.stderr)
         tracker.finish(search_run, ok=not errors)
         print(f"\nbest: {best['trial']} {_short({p: best[p] for p in paths})}  score {best['score']:.1f}  "
-              f"AA {best['AA']:.1f}  BwT {best['BwT']:+.1f}  run {best_cfg.run_id}")
+              f"(validation AA {best['val_AA']:.1f}  BwT {best['val_BwT']:+.1f}; test AA {best['AA']:.1f}  "
+              f"BwT {best['BwT']:+.1f})  run {best_cfg.run_id}")
         print(f"best config: {out_dir / 'best.yaml'}\ntrials: {out_dir / 'trials.csv'}\n"
               f"MLflow: {tracking_uri} (clpipe ui --storage {storage})   wall {time.perf_counter() - wall:.0f}s")
         if errors:

@@ -13,7 +13,6 @@ and the located tasks vote; ties go to the earlier task) and routes as the evalu
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cl_core.methods import METHODS
 from cl_core.base_model import ModelSpec
@@ -31,6 +29,8 @@ from cl_core.precision import base_settings
 from cl_core.training import predict_probs, to_device
 from pipelines.assembly import build_stage
 from pipelines.run.calibration import load_thresholds
+from pipelines.run.ledger import MODEL, Ledger, StageKey
+from pipelines.run.results import latest_bank, read_run
 from pipelines.config import RunConfig
 from pipelines.data.tasks import task_format
 
@@ -50,38 +50,18 @@ class Query:
     id: Any = None
 
 
-def find_run(storage: Path, run_id: str) -> Path:
-    run_dir = storage / run_id
-    if not (run_dir / "ledger.json").exists():
-        runs = sorted(p.parent.name for p in storage.glob("*/ledger.json"))
-        raise PredictError(f"no run {run_id!r} under {storage}; runs there: {runs}")
-    return run_dir
-
-
-def read_run(run_dir: Path) -> tuple[RunConfig, dict]:
-    """The run's resolved config and its ledger's done stages."""
-    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    return cfg, json.loads((run_dir / "ledger.json").read_text())["stages"]
-
-
-def latest_bank(cfg: RunConfig, stages: dict) -> int | None:
-    """The last task whose bank is durable and evaluated (its decision thresholds stored), or None."""
-    ready = [t for t in range(len(cfg.tasks)) if f"task{t}/bank" in stages and f"task{t}/evaluate" in stages]
-    return ready[-1] if ready else None
-
-
-def bank_task(cfg: RunConfig, stages: dict, bank_of: str | None) -> int:
+def bank_task(cfg: RunConfig, ledger: Ledger, bank_of: str | None) -> int:
     """The task whose bank to use: `bank_of` (a task name) or the latest evaluated one."""
     names = [t.name for t in cfg.tasks]
     if bank_of is None:
-        t = latest_bank(cfg, stages)
+        t = latest_bank(cfg, ledger)
         if t is None:
             raise PredictError(f"run {cfg.run_id}: no bank is durable and evaluated yet")
         return t
     if bank_of not in names:
         raise PredictError(f"--bank-of {bank_of!r}: not a task of run {cfg.run_id}; its tasks: {names}")
     t = names.index(bank_of)
-    if f"task{t}/bank" not in stages:
+    if not ledger.done(StageKey("bank", t)):
         raise PredictError(f"--bank-of {bank_of!r}: the run has no durable bank after this task yet")
     return t
 
@@ -94,18 +74,18 @@ class Predictor:
 
     def __init__(self, run_dir: Path, bank_of: str | None = None):
         self.run_dir = Path(run_dir)
-        self.cfg, stages = read_run(self.run_dir)
-        if "model" not in stages:
+        self.cfg, ledger = read_run(self.run_dir)
+        if not ledger.done(MODEL):
             raise PredictError(f"run {self.cfg.run_id}: its base model stage has not run yet")
         # Serving computes on the CPU: the base keeps the dtype it trained in, and its attention is
         # the CPU's choice for that precision (a bf16 run trained on a GPU records sdpa, whose bf16
         # kernel on a CPU is slower than eager).
-        model_stage = stages["model"]["outputs"]
+        model_stage = ledger.outputs(MODEL)
         cpu = base_settings(model_stage["precision"], torch.device("cpu"))
         self.base = ModelSpec(**model_stage["spec"]).model_copy(update={"attention": cpu["attention"]})
-        self.bank_task = bank_task(self.cfg, stages, bank_of)
-        self.bank_dir = Path(stages[f"task{self.bank_task}/bank"]["outputs"]["path"])
-        self.bank_sha256 = stages[f"task{self.bank_task}/bank"]["outputs"]["sha256"]
+        self.bank_task = bank_task(self.cfg, ledger, bank_of)
+        bank = ledger.outputs(StageKey("bank", self.bank_task))
+        self.bank_dir, self.bank_sha256 = Path(bank["path"]), bank["sha256"]
         self.routable = METHODS[self.cfg.method.name].method.routable
         self.tasks = [t.name for t in self.cfg.tasks[: self.bank_task + 1]]
         self.formats = [task_format(t, self.cfg.training.max_length) for t in self.cfg.tasks]

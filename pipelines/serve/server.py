@@ -24,7 +24,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from pipelines.serve.predict import PredictError, Predictor, latest_bank, read_run
+from pipelines.run.results import latest_bank, read_run
+from pipelines.serve.predict import PredictError, Predictor
 
 APP_NAME = "clpipe"
 # Ray Serve forms the next batch while the current one runs, from what arrives within this wait:
@@ -54,8 +55,8 @@ class PredictorDeployment:
         while True:
             time.sleep(poll_s)
             try:
-                cfg, stages = read_run(self.run_dir)
-                newest = latest_bank(cfg, stages)
+                cfg, ledger = read_run(self.run_dir)
+                newest = latest_bank(cfg, ledger)
                 if newest is not None and newest > self.predictor.bank_task:
                     self.predictor = self._load(cfg.tasks[newest].name)
                     log.info("clpipe serve: now answering from the bank after %s", cfg.tasks[newest].name)
