@@ -34,6 +34,7 @@ from pipelines.run.ledger import Ledger
 from pipelines.run.progress import ProgressBoard, progress_file
 from pipelines.run.report import accuracy_matrix, format_matrix, markdown_matrix, matrix_csv, matrix_heatmap
 from pipelines.run.sequence import check_extends, task_records, trained_at
+from pipelines.serve.mlflow_model import log_bank_model
 from pipelines.tracking import Tracker, TrackingError, default_tracking_uri, warn
 
 
@@ -347,6 +348,9 @@ class Driver:
     def _evaluated(self, t: int, row: dict) -> None:
         self._log_row(t, row)
         self._tracked(lambda: self.tracker.describe(self.parent, self._description(t + 1)))
+        # The bank as an MLflow model in the evaluate stage's run, registered under the run's name.
+        self._tracked(lambda: log_bank_model(self.tracker, self.tracker.stage_run(
+            self.parent, self.cfg.run_id, f"task{t}/evaluate"), self.run_dir, t))
         if self.on_evaluated:
             self.on_evaluated(t, row)
 
