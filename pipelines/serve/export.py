@@ -20,12 +20,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cl_core.atomic import publish_dir, staging_dir
 from cl_core.base_model import load_base_model
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import MixtureFFN
 from cl_core.routers import MergedRouter, TaskRouter
 from pipelines.serve.predict import PredictError, Predictor
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 PROJECTIONS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 NOT_A_LORA = ("Deploy this bank as its MLflow model instead: models:/{run}@latest in the run's MLflow store "
@@ -55,12 +60,45 @@ def adapter_task(predictor: Predictor, task_name: str | None) -> int:
     return len(tasks) - 1
 
 
-def export_adapter(run_dir: Path, out: Path, bank_of: str | None = None, task_name: str | None = None) -> dict:
-    """Write the PEFT adapter of the bank (after `bank_of`, default the latest) for task `task_name`
-    into the new folder `out`; returns what `clpipe.json` records."""
+def peft_adapter(model: ContinualModel, base_lm, task: int, base_path: str | None = None, who: str = "the bank",
+                 instead: str = "") -> PeftModel:
+    """`base_lm` (the bank's base model, unmodified) with a LoRA adapter whose forward is `model`'s for
+    `task`, or a PredictError (`who` …, then `instead`) where the bank's forward is no single LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
+    names = {id(module): name for name, module in model.lm.named_modules()}
+    state, ranks, targets = {}, set(), []
+    for layer in model.bank.layers:
+        experts = layer_experts(layer, task)
+        if experts is None:
+            raise PredictError(f"{who} mixes {len(layer.experts)} experts per token with learned gates: its forward "
+                               f"is no single LoRA. {instead}")
+        ranks.add(len(experts))
+        for proj, short in PROJECTIONS.items():
+            module = f"{names[id(layer)]}.{proj}"
+            targets.append(module)
+            a = torch.cat([getattr(layer.experts[e], f"A_{short}") for e in experts])  # [E·r, in]
+            b = torch.cat([getattr(layer.experts[e], f"B_{short}") for e in experts], dim=1)  # [out, E·r]
+            state[f"base_model.model.{module}.lora_A.weight"] = a.detach().float().contiguous()
+            state[f"base_model.model.{module}.lora_B.weight"] = b.detach().float().contiguous()
+    if len(ranks) != 1:
+        raise PredictError(f"{who}: its layers hold different numbers of experts ({sorted(ranks)}), so no one "
+                           f"adapter rank. {instead}")
+    experts, bank = ranks.pop(), model.bank.config
+    # E experts side by side are one LoRA of rank E·r; alpha E·alpha keeps peft's scaling alpha / rank.
+    lora = LoraConfig(r=bank.rank * experts, lora_alpha=bank.alpha * experts, lora_dropout=bank.dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_path)
+    peft_model = get_peft_model(base_lm, lora)
+    loaded = set_peft_model_state_dict(peft_model, state)
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"peft did not take these bank tensors: {loaded.unexpected_keys[:3]}")
+    return peft_model.eval()
+
+
+def export_adapter(run_dir: Path, out: Path, bank_of: str | None = None, task_name: str | None = None) -> dict:
+    """Write the PEFT adapter of the bank (after `bank_of`, default the latest) for task `task_name`
+    into the new folder `out`; returns what `clpipe.json` records."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PredictError(f"--to {out}: exists and is not an empty folder; name a new one")
@@ -71,34 +109,9 @@ def export_adapter(run_dir: Path, out: Path, bank_of: str | None = None, task_na
                            f"which a LoRA adapter cannot carry. " + NOT_A_LORA.format(run=run))
     task = adapter_task(predictor, task_name)
     model = predictor.stage.model
-    names = {id(module): name for name, module in model.lm.named_modules()}
-    state, ranks, targets = {}, set(), []
-    for layer in model.bank.layers:
-        experts = layer_experts(layer, task)
-        if experts is None:
-            raise PredictError(f"run {run}: method {cfg.method.name} mixes {len(layer.experts)} experts per token "
-                               f"with learned gates: its forward is no single LoRA. " + NOT_A_LORA.format(run=run))
-        ranks.add(len(experts))
-        for proj, short in PROJECTIONS.items():
-            module = f"{names[id(layer)]}.{proj}"
-            targets.append(module)
-            a = torch.cat([getattr(layer.experts[e], f"A_{short}") for e in experts])  # [E·r, in]
-            b = torch.cat([getattr(layer.experts[e], f"B_{short}") for e in experts], dim=1)  # [out, E·r]
-            state[f"base_model.model.{module}.lora_A.weight"] = a.detach().float().contiguous()
-            state[f"base_model.model.{module}.lora_B.weight"] = b.detach().float().contiguous()
-    if len(ranks) != 1:
-        raise PredictError(f"run {run}: its layers hold different numbers of experts ({sorted(ranks)}): no one "
-                           f"adapter rank. " + NOT_A_LORA.format(run=run))
-    experts = ranks.pop()
-    bank_cfg = model.bank.config
     base_lm, _ = load_base_model(predictor.base)  # untouched: the bank's layers replaced the other's MLPs
-    lora = LoraConfig(r=bank_cfg.rank * experts, lora_alpha=bank_cfg.alpha * experts, lora_dropout=bank_cfg.dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                      base_model_name_or_path=predictor.base.path)
-    peft_model = get_peft_model(base_lm, lora)
-    loaded = set_peft_model_state_dict(peft_model, state)
-    if loaded.unexpected_keys:
-        raise RuntimeError(f"peft did not take these bank tensors: {loaded.unexpected_keys[:3]}")
+    peft_model = peft_adapter(model, base_lm, task, predictor.base.path,
+                              f"run {run}: method {cfg.method.name}", NOT_A_LORA.format(run=run))
     # A LoRA per task serves its task; one LoRA for all serves every task of the bank, each with its template.
     served = [task] if isinstance(model.bank.layers[0].router, TaskRouter) else range(len(predictor.tasks))
     info = {"run": run, "bank_after_task": predictor.tasks[-1], "bank_sha256": predictor.bank_sha256,
