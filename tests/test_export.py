@@ -129,7 +129,7 @@ def test_registry_holds_a_version_per_bank_and_latest_predicts_as_predict(run, t
 
     assert versions() == [(t + 1, task.name, ledger[f"task{t}/bank"]["outputs"]["sha256"])
                           for t, task in enumerate(cfg.tasks)]
-    assert client.get_model_version_by_alias(cfg.run_id, "latest").version == "2"
+    assert int(client.get_model_version_by_alias(cfg.run_id, "latest").version) == 2
     evaluate_run = client.get_run(client.get_model_version(cfg.run_id, "1").run_id)
     assert evaluate_run.data.tags["clpipe.stage"] == "task0/evaluate"
     Driver(cfg, storage, lambda _: None).run()  # a rerun logs no bank again

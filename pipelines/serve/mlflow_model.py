@@ -133,7 +133,7 @@ def log_bank_model(tracker: Tracker, run: str, run_dir: Path, bank_task: int) ->
     name, task = cfg.run_id, cfg.tasks[bank_task].name
     existing = registered_version(tracker, name, bank["sha256"])
     if existing is not None:
-        return existing.version
+        return str(existing.version)
     with fluent_mlflow(tracker.uri), mlflow.start_run(run_id=run):
         info = mlflow.pyfunc.log_model(
             name=f"task{bank_task}-{task}", python_model=str(Path(__file__).with_name("bank_model.py")),
@@ -145,4 +145,4 @@ def log_bank_model(tracker: Tracker, run: str, run_dir: Path, bank_task: int) ->
             tags={SHA_TAG: bank["sha256"], TASK_TAG: task})
         registered = mlflow.register_model(info.model_uri, name, tags={
             SHA_TAG: bank["sha256"], TASK_TAG: task, "clpipe.run_id": cfg.run_id})
-    return registered.version
+    return str(registered.version)
