@@ -6,7 +6,8 @@
     clpipe ui [RUN_ID] [--storage DIR] [--port 5000]   the MLflow UI on the run store, on 127.0.0.1
     clpipe tune run.yaml search.yaml [--storage DIR]
     clpipe predict RUN_ID --input texts.jsonl [--task NAME] [--bank-of TASK] [--out preds.jsonl]
-    clpipe serve RUN_ID [--port 8000] [--host 127.0.0.1] [--replicas N]   HTTP predictions on Ray Serve
+    clpipe serve RUN_ID [--port 8000] [--host 127.0.0.1] [--replicas N] [limits]   HTTP predictions on Ray Serve
+    clpipe export RUN_ID --to DIR [--bank-of TASK] [--task NAME]   a LoRA bank as a PEFT adapter folder
 """
 
 from __future__ import annotations
@@ -168,9 +169,30 @@ def cmd_predict(args) -> int:
 
 def cmd_serve(args) -> int:
     from pipelines.run.results import find_run
-    from pipelines.serve.server import serve_run
+    from pipelines.serve.api import Limits
+    from pipelines.serve.predict import PredictError
+    from pipelines.serve.server import TOKEN_ENV, serve_run
 
-    return serve_run(find_run(_storage(args), args.run), args.host, args.port, args.replicas)
+    token = os.environ.get(TOKEN_ENV)
+    if args.token_file:
+        path = Path(args.token_file)
+        if not path.is_file() or not path.read_text().strip():
+            raise PredictError(f"--token-file {path}: no such file, or it is empty")
+        token = path.read_text().strip()
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_items=args.max_items,
+                    request_timeout_s=args.request_timeout_s, max_queued_requests=args.max_queued_requests)
+    return serve_run(find_run(_storage(args), args.run), args.host, args.port, args.replicas, limits, token or None)
+
+
+def cmd_export(args) -> int:
+    from pipelines.run.results import find_run
+    from pipelines.serve.export import export_adapter
+
+    info = export_adapter(find_run(_storage(args), args.run), Path(args.to), args.bank_of, args.task)
+    print(f"PEFT adapter of run {info['run']}'s bank after {info['bank_after_task']} (tasks "
+          f"{', '.join(info['tasks'])}) written to {args.to}; load it with "
+          f"PeftModel.from_pretrained(base_model, {str(args.to)!r}); prompts and labels in clpipe.json")
+    return 0
 
 
 def cmd_tune(args) -> int:
@@ -207,12 +229,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank-of", help="use the bank after this task (default: the latest evaluated one)")
     p.add_argument("--out", help="write JSON lines here (default: stdout)")
     p.set_defaults(func=cmd_predict)
+    from pipelines.serve.api import Limits
+
     p = sub.add_parser("serve", help="HTTP predictions on Ray Serve, following the run's latest bank")
     p.add_argument("run")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--token-file", help="a file holding the bearer token requests must carry (default: the "
+                                        "CLPIPE_SERVE_TOKEN variable); required unless --host is a loopback address")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger bodies get 413")
+    p.add_argument("--max-items", type=int, default=Limits.max_items, help="longer lists get 413")
+    p.add_argument("--request-timeout-s", type=float, default=Limits.request_timeout_s, help="then 408")
+    p.add_argument("--max-queued-requests", type=int, default=Limits.max_queued_requests,
+                   help="requests waiting beyond the replicas' own queues; more get 503")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("export", help="a bank that is one LoRA per task, as a PEFT adapter folder")
+    p.add_argument("run")
+    p.add_argument("--to", required=True, help="a new folder for adapter_config.json, adapter_model.safetensors")
+    p.add_argument("--bank-of", help="the bank after this task (default: the latest evaluated one)")
+    p.add_argument("--task", help="the task whose LoRA to export, where the method keeps one per task")
+    p.set_defaults(func=cmd_export)
     for name, p in sub.choices.items():
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder for all state (default: ./runs)")
     args = parser.parse_args(argv)

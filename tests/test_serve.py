@@ -22,7 +22,9 @@ from pipelines.config import parse_config
 from pipelines.data.tasks import load_prepared, load_split
 from pipelines.run.driver import Driver
 from pipelines.run.ledger import Ledger, StageKey
-from pipelines.serve.predict import Predictor
+from pipelines.serve.api import Limits
+from pipelines.serve.predict import PredictError, Predictor
+from pipelines.serve.server import deploy
 from tests.conftest import tiny_run
 
 pytestmark = pytest.mark.slow
@@ -98,22 +100,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def serving(run, tmp_path):
-    """Serve a copy of the run whose ledger stops after task 0's bank; yields (url, copy, full ledger)."""
-    from ray import serve
-
-    from pipelines.serve.server import deploy
-
+def _first_bank_only(run, folder):
+    """A copy of the run whose ledger stops after task 0's bank; returns (copy, the full ledger)."""
     cfg, _, run_dir = run
-    copy = tmp_path / cfg.run_id
+    copy = folder / cfg.run_id
     copy.mkdir()
     shutil.copy(run_dir / "config.yaml", copy)
     full = _ledger(run_dir)
     first = {**full, "stages": {k: v for k, v in full["stages"].items() if not k.startswith("task1/")}}
     atomic_write_text(copy / "ledger.json", json.dumps(first))
+    return copy, full
+
+
+@pytest.fixture
+def serving(run, tmp_path, request):
+    """Serve a copy of the run that has task 0's bank only; yields (url, copy, full ledger). Indirect
+    parameters: keyword arguments of `deploy` (host, limits, token)."""
+    from ray import serve
+
+    copy, full = _first_bank_only(run, tmp_path)
+    options = getattr(request, "param", {})
     try:
-        yield deploy(copy, "127.0.0.1", _free_port(), replicas=1, poll_s=0.2), copy, full
+        url = deploy(copy, port=_free_port(), replicas=1, poll_s=0.2, **options)
+        yield url.replace("0.0.0.0", "127.0.0.1"), copy, full
     finally:
         serve.shutdown()
 
@@ -166,20 +175,88 @@ def test_serve_answers_as_predict_and_follows_the_run(run, serving):
     assert info["tasks"] == [t.name for t in cfg.tasks] and info["batches"]["items"] == len(bodies)
 
 
-def test_serve_rejects_bad_requests(run, serving):
+@pytest.mark.parametrize("serving", [{"limits": Limits(max_body_bytes=4096, max_items=8)}], indirect=True)
+def test_serve_limits_and_errors(run, serving):
     cfg, _, _ = run
     url, _, _ = serving
-    bad = requests.post(url, data=b'{"text": "w1 w2", ', timeout=30)
-    assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
-    no_task = requests.post(url, json={"text": "w1 w2"}, timeout=30)
-    assert no_task.status_code == 400 and "method moe_cl needs a task id" in no_task.json()["error"]
-    later_task = requests.post(url, json=[{"text": "w1", "task": cfg.tasks[0].name},
-                                          {"text": "w1", "task": cfg.tasks[1].name}], timeout=30)
-    assert later_task.status_code == 400
-    assert later_task.json()["error"].startswith(
-        f"request item 1: field 'task': '{cfg.tasks[1].name}' is not a task of bank '{cfg.tasks[0].name}'")
-    both = requests.post(url, json=[{"text": "w1 w2", "task": cfg.tasks[0].name}] * 2, timeout=30)
-    assert both.status_code == 200 and len(both.json()) == 2 and both.json()[0] == both.json()[1]
+    first, later = cfg.tasks[0].name, cfg.tasks[1].name
+
+    def unprocessable(response, loc):
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["detail"][0]["loc"] == loc
+        return body["error"]
+
+    assert unprocessable(requests.post(url, data=b'{"text": "w1 w2", ', headers={"content-type": "application/json"},
+                                       timeout=30), ["body", 19]).startswith("request: malformed JSON at character 19")
+    assert "method moe_cl needs a task id" in unprocessable(requests.post(url, json={"text": "w1 w2"}, timeout=30),
+                                                            ["body", "task"])
+    assert unprocessable(requests.post(url, json=[{"text": "w1", "task": first}, {"text": "w1", "task": later}],
+                                       timeout=30), ["body", 1, "task"]).startswith(
+        f"request item 1: field 'task': '{later}' is not a task of bank '{first}'")
+    assert unprocessable(requests.post(url, json=[{"text": "w1", "task": first}, {"txt": "w1", "task": first}],
+                                       timeout=30), ["body", 1, "text"]) == "request item 1: field 'text': Field required"
+    too_long = requests.post(url, json=[{"text": "w1 " * 1400, "task": first}], timeout=30)
+    assert too_long.status_code == 413 and "Content Too Large" in too_long.text  # from its Content-Length
+    chunked = requests.post(url, data=iter([b'[{"text": "', b"w1 " * 1400, b'", "task": "' + first.encode() + b'"}]']),
+                            headers={"content-type": "application/json"}, timeout=30)  # no Content-Length
+    assert chunked.status_code == 413 and "Content Too Large" in chunked.text
+    many = requests.post(url, json=[{"text": "w1", "task": first}] * 9, timeout=30)
+    assert many.status_code == 413 and "9 items in one request" in many.json()["detail"]
+    both = requests.post(url, json=[{"text": "w1 w2", "task": first, "id": 3}] * 8, timeout=30)
+    assert both.status_code == 200 and len(both.json()) == 8 and both.json()[0] == both.json()[7]
+    assert both.json()[0]["id"] == 3 and both.headers["x-clpipe-bank"] == first
+    docs = requests.get(url + "docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert {"Row", "Answer"} <= set(requests.get(url + "openapi.json", timeout=30).json()["components"]["schemas"])
+
+
+@pytest.mark.parametrize("serving", [{"host": "0.0.0.0", "token": "s3cret-token"}], indirect=True)
+def test_serve_off_loopback_needs_the_token(run, serving):
+    cfg, _, _ = run
+    url, copy, _ = serving
+    body = {"text": "w1 w2", "task": cfg.tasks[0].name}
+    missing = requests.post(url, json=body, timeout=30)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.get(url, timeout=30).status_code == 401
+    assert requests.post(url, json=body, headers={"Authorization": "Bearer s3cret-token"}, timeout=30).status_code == 200
+    assert requests.get(url + "docs", timeout=30).status_code == 200
+    with pytest.raises(PredictError, match="a bearer token is required"):
+        deploy(copy, host="0.0.0.0", port=_free_port())
+
+
+def test_a_bank_that_cannot_load_makes_the_replica_unhealthy(run, serving, tmp_path):
+    from ray import serve
+
+    from pipelines.serve.server import APP_NAME
+
+    _, _, run_dir = run
+    url, copy, full = serving
+    damaged = tmp_path / "damaged-bank"
+    shutil.copytree(copy / full["stages"]["task1/bank"]["outputs"]["path"], damaged)  # stored relative to the run
+    tensors = damaged / "bank.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
+    full["stages"]["task1/bank"]["outputs"]["path"] = str(damaged)
+    atomic_write_text(copy / "ledger.json", json.dumps(full))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and requests.get(url, timeout=30).json()["load_error"] is None:
+        time.sleep(0.2)
+    assert "sha256 mismatch" in requests.get(url, timeout=30).json()["load_error"]
+    while time.monotonic() < deadline:  # Serve's health check (every 10 s) reads it
+        status = serve.status().applications[APP_NAME].deployments["PredictorDeployment"]
+        if status.status != "HEALTHY":
+            break
+        time.sleep(1)
+    assert status.status != "HEALTHY" and "sha256 mismatch" in status.message
+
+
+def test_export_of_a_mixture_bank_points_at_the_mlflow_model(run, tmp_path, capsys):
+    cfg, storage, _ = run
+    assert main(["export", cfg.run_id, "--to", str(tmp_path / "adapter"), "--storage", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert "method moe_cl mixes" in err and f"models:/{cfg.run_id}@latest" in err
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_serve_restarts_a_crashed_replica(run, serving):

@@ -34,6 +34,7 @@ from pipelines.run.progress import ProgressBoard, progress_file
 from pipelines.run.report import markdown_matrix
 from pipelines.run.results import RunResult, baseline_covered, results_so_far, write_report
 from pipelines.run.sequence import check_extends, task_records
+from pipelines.serve.mlflow_model import log_bank_model
 from pipelines.tracking import Tracker, default_tracking_uri, warn
 
 # The splits an evaluation reads: logged as its MLflow run's dataset inputs.
@@ -347,9 +348,15 @@ class Driver:
         if pending.task is not None:
             self._evaluated(pending.task, outputs)
 
+    def _register_bank(self, t: int) -> None:
+        """Task t's bank as an MLflow model in its evaluate stage's run, registered under the run's name."""
+        evaluate_run = self.tracker.stage_run(self.parent, self.cfg.run_id, str(StageKey("evaluate", t)))
+        log_bank_model(self.tracker, evaluate_run, self.run_dir, t)
+
     def _evaluated(self, t: int, outputs: dict) -> None:
         self._log_row(t, outputs)
         self._tracked(partial(self.tracker.describe, self.parent, self._description(t + 1)))
+        self._tracked(partial(self._register_bank, t))
         if self.on_evaluated:
             self.on_evaluated(t, outputs)
 

@@ -38,7 +38,11 @@ PROGRESS_MIN_ROWS = 256  # inputs at least this long get a progress bar
 
 
 class PredictError(ValueError):
-    """A bad run, bank, task or input row; the message names it."""
+    """A bad run, bank, task or input row; the message names it, and `field` the row's field at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,15 @@ def bank_task(cfg: RunConfig, ledger: Ledger, bank_of: str | None) -> int:
     return t
 
 
+def cpu_spec(model_outputs: dict) -> ModelSpec:
+    """The base model as serving loads it, from the run's model stage outputs: serving computes on
+    the CPU, so the base keeps the dtype it trained in, and its attention is the CPU's choice for
+    that precision (a bf16 run trained on a GPU records sdpa, whose bf16 kernel on a CPU is slower
+    than eager)."""
+    cpu = base_settings(model_outputs["precision"], torch.device("cpu"))
+    return ModelSpec(**model_outputs["spec"]).model_copy(update={"attention": cpu["attention"]})
+
+
 class Predictor:
     """A run's base model + one of its banks, with the bank's decision thresholds.
 
@@ -73,19 +86,26 @@ class Predictor:
     """
 
     def __init__(self, run_dir: Path, bank_of: str | None = None):
-        self.run_dir = Path(run_dir)
-        self.cfg, ledger = read_run(self.run_dir)
+        run_dir = Path(run_dir)
+        cfg, ledger = read_run(run_dir)
         if not ledger.done(MODEL):
-            raise PredictError(f"run {self.cfg.run_id}: its base model stage has not run yet")
-        # Serving computes on the CPU: the base keeps the dtype it trained in, and its attention is
-        # the CPU's choice for that precision (a bf16 run trained on a GPU records sdpa, whose bf16
-        # kernel on a CPU is slower than eager).
-        model_stage = ledger.outputs(MODEL)
-        cpu = base_settings(model_stage["precision"], torch.device("cpu"))
-        self.base = ModelSpec(**model_stage["spec"]).model_copy(update={"attention": cpu["attention"]})
-        self.bank_task = bank_task(self.cfg, ledger, bank_of)
-        bank = ledger.outputs(StageKey("bank", self.bank_task))
-        self.bank_dir, self.bank_sha256 = Path(bank["path"]), bank["sha256"]
+            raise PredictError(f"run {cfg.run_id}: its base model stage has not run yet")
+        t = bank_task(cfg, ledger, bank_of)
+        bank = ledger.outputs(StageKey("bank", t))
+        self._setup(cfg, cpu_spec(ledger.outputs(MODEL)), t, Path(bank["path"]), bank["sha256"])
+        self.run_dir = run_dir
+
+    @classmethod
+    def of_bank(cls, cfg: RunConfig, base: ModelSpec, bank_task: int, bank_dir: Path, bank_sha256: str) -> Predictor:
+        """The predictor of one bank outside its run folder (e.g. the bank an MLflow model carries)."""
+        predictor = cls.__new__(cls)
+        predictor._setup(cfg, base, bank_task, Path(bank_dir), bank_sha256)
+        predictor.run_dir = None
+        return predictor
+
+    def _setup(self, cfg: RunConfig, base: ModelSpec, bank_task: int, bank_dir: Path, bank_sha256: str) -> None:
+        self.cfg, self.base = cfg, base
+        self.bank_task, self.bank_dir, self.bank_sha256 = bank_task, bank_dir, bank_sha256
         self.routable = METHODS[self.cfg.method.name].method.routable
         self.tasks = [t.name for t in self.cfg.tasks[: self.bank_task + 1]]
         self.formats = [task_format(t, self.cfg.training.max_length) for t in self.cfg.tasks]
@@ -111,25 +131,25 @@ class Predictor:
             raise PredictError(f"{where}: expected a JSON object with 'text' (and 'task'), got {type(row).__name__}")
         unknown = sorted(set(row) - self.fields)
         if unknown:
-            raise PredictError(f"{where}: field {unknown[0]!r}: unknown; expected 'text', 'task', 'id'")
+            raise PredictError(f"{where}: field {unknown[0]!r}: unknown; expected 'text', 'task', 'id'", unknown[0])
         name = row.get("task", default_task)
         if name is not None and name not in self.tasks:
             raise PredictError(f"{where}: field 'task': {name!r} is not a task of bank {self.tasks[-1]!r}; "
-                               f"its tasks: {self.tasks}")
+                               f"its tasks: {self.tasks}", "task")
         task = None if name is None else self.tasks.index(name)
         text_field = "text" if "text" in row or task is None else self.cfg.tasks[task].text_field
         text = row.get(text_field)
         if text is None:
-            raise PredictError(f"{where}: field '{text_field}': missing")
+            raise PredictError(f"{where}: field '{text_field}': missing", text_field)
         if not isinstance(text, str) or not text.strip():
-            raise PredictError(f"{where}: field '{text_field}': empty or not a string")
+            raise PredictError(f"{where}: field '{text_field}': empty or not a string", text_field)
         if len(text) > self.cfg.data.max_text_chars:
             raise PredictError(f"{where}: field '{text_field}': {len(text)} characters, over the run's "
-                               f"data.max_text_chars {self.cfg.data.max_text_chars}")
+                               f"data.max_text_chars {self.cfg.data.max_text_chars}", text_field)
         if task is None and not self.locates:
             need = "needs a task id" if not self.routable else "cannot tell the tasks of its bank apart"
             raise PredictError(f"{where}: field 'task': missing; method {self.cfg.method.name} {need} "
-                               f"(one of {self.tasks}; --task sets it for every row)")
+                               f"(one of {self.tasks}; --task sets it for every row)", "task")
         return Query(text=text, task=task, id=row.get("id"))
 
     def example(self, text: str, task: int) -> dict:
