@@ -130,7 +130,6 @@ def main() -> None:
     from pipelines.data.tasks import load_split
     from pipelines.run.driver import Driver, start_ray
     from pipelines.run.results import read_run
-    from pipelines.serve.predict import Predictor
     from pipelines.serve.server import deploy
 
     run_dir = args.run_dir
