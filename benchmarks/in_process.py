@@ -4,7 +4,8 @@ change no number that a selection reads).
 
     python -m benchmarks.in_process --out benchmarks/results/X.json --label NAME --method M
         [--params '{"k": v}'] [--sequences order1,multiemo] [--seeds 0,1]
-        [--steps 16] [--test-examples 100] [--validation-examples 100] [--lock /tmp/clpipe-heavy.lock]
+        [--steps 16] [--test-examples 100] [--validation-examples 100] [--inference '{"name": {...}}']
+        [--lock /tmp/clpipe-heavy.lock]
 
 A run is `cl_quality`'s run config (same budget, seed, task data, prompt) with the method and
 params given. Per task: the stage's seed, `plan_task` where the method plans, `setup_task`, the
@@ -36,6 +37,7 @@ from scipy import stats
 
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import load_tokenizer
+from cl_core.methods import build_method, method_params
 from cl_core.metrics import average_accuracy, backward_transfer
 from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import Learner, evaluate_task, plan_task, task_loss_fn, train_steps
@@ -103,11 +105,9 @@ def matrix(correct: list[list[list[int]]]) -> np.ndarray:
     return np.array([[100 * np.mean(correct[i][j]) if j <= i else np.nan for j in range(n)] for i in range(n)])
 
 
-def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, data: Path = DEFAULT_DATA,
-        cache: Path = CACHE, validation_examples: int = 100, tasks: list[str] | None = None) -> dict:
-    """One run: per split ("validation", "test") and task-id mode, the accuracy matrix R (points),
-    AA, BwT and the per-example correctness after task i on task j (`cl_stats.encode`d)."""
-    cfg = run_config(method, params, sequence, seed, budget, data, validation_examples, tasks)
+def prepared_stage(cfg: RunConfig, cache: Path = CACHE) -> tuple[object, list[dict], str]:
+    """(the stage's model, objective and method with an empty bank; each task's prepared data
+    summary; the precision) for a run in this process."""
     if cfg.training.grad_accum != 1:
         raise ValueError("training.grad_accum: the in-process loop steps after every micro batch (1)")
     cpu = torch.device("cpu")
@@ -116,28 +116,53 @@ def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, dat
     tokenizer = load_tokenizer(base)
     summaries = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
                               cache / "data", cfg.eval.calibration_examples) for i, t in enumerate(cfg.tasks)]
+    return build_stage(cfg, base), summaries, precision
+
+
+def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, data: Path = DEFAULT_DATA,
+        cache: Path = CACHE, validation_examples: int = 100, tasks: list[str] | None = None,
+        inference: dict[str, dict] | None = None) -> dict:
+    """One run: per split ("validation", "test") and task-id mode, the accuracy matrix R (points),
+    AA, BwT and the per-example correctness after task i on task j (`cl_stats.encode`d).
+
+    `inference`: name → parameters that change only how the method answers (e.g. MoE-CL's
+    `shared_inference`): the same trained model is also evaluated under each, in
+    out["inference"][name] (same structure), at the cost of its evaluations only."""
+    cfg = run_config(method, params, sequence, seed, budget, data, validation_examples, tasks)
+    stage, summaries, precision = prepared_stage(cfg, cache)
     paths = [s["path"] for s in summaries]
-    stage = build_stage(cfg, base)
     modes = eval_modes(cfg, stage.method)
+    answering = {None: stage.method}
+    for name, overrides in (inference or {}).items():
+        answering[name] = build_method(method, method_params(method, {**params, **overrides}), stage.method.task_labels)
     start = time.perf_counter()
-    correct = {split: {mode: [] for mode in modes} for split in SPLITS}
+    correct = {name: {split: {mode: [] for mode in modes} for split in SPLITS} for name in answering}
     for task in range(len(paths)):
         train_task(stage, cfg, task, paths)
-        for split, prepared in SPLITS.items():
-            for mode in modes:
-                correct[split][mode].append([
-                    evaluate_task(stage.model, stage.objective, stage.method, load_prepared(p, prepared),
-                                  cfg.eval.batch_size, mode)["correct"] for p in paths[:task + 1]])
+        for name, answers in answering.items():
+            for split, prepared in SPLITS.items():
+                for mode in modes:
+                    correct[name][split][mode].append([
+                        evaluate_task(stage.model, stage.objective, answers, load_prepared(p, prepared),
+                                      cfg.eval.batch_size, mode)["correct"] for p in paths[:task + 1]])
     out = {"method": method, "params": params, "sequence": sequence, "order": [t.name for t in cfg.tasks],
            "seed": seed, "precision": precision, "wall_s": round(time.perf_counter() - start, 1),
            "n": {split: [summary["splits"][prepared]["rows"] for summary in summaries]
-                 for split, prepared in SPLITS.items()}}
-    for split in SPLITS:
+                 for split, prepared in SPLITS.items()}, **scores(correct[None])}
+    if inference:
+        out["inference"] = {name: {"params": inference[name], **scores(correct[name])} for name in inference}
+    return out
+
+
+def scores(correct: dict[str, dict[str, list]]) -> dict:
+    """split → mode → AA, BwT, R and the encoded correctness."""
+    out = {}
+    for split, by_mode in correct.items():
         out[split] = {}
-        for mode in modes:
-            R = matrix(correct[split][mode])
+        for mode, cells in by_mode.items():
+            R = matrix(cells)
             out[split][mode] = {"AA": average_accuracy(R), "BwT": backward_transfer(R), "R": np.round(R, 2).tolist(),
-                                "correct": encode(correct[split][mode])}
+                                "correct": encode(cells)}
     return out
 
 
@@ -164,8 +189,8 @@ class Results:
             if r["label"] == label and (r["method"], r["params"]) != (method, params):
                 raise SystemExit(f"{self.path}: label {label!r} ran {r['method']} {r['params']}, not {method} {params}")
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
+    def add(self, *rows: dict) -> None:
+        self.rows.extend(rows)
         atomic_write_text(self.path, json.dumps({**self.header, "runs": self.rows}))
 
 
@@ -210,24 +235,35 @@ def held(lock: Path | None):
 
 
 def run_missing(results: Results, label: str, method: str, params: dict, sequences: list[str], seeds: list[int],
-                budget: Budget, lock: Path | None = None, **kwargs) -> list[dict]:
+                budget: Budget, lock: Path | None = None, inference: dict[str, dict] | None = None,
+                **kwargs) -> list[dict]:
     """Every (sequence, seed) of `label` that the results file lacks, one at a time; each row is
-    written as it finishes. Returns the rows, finished earlier or now."""
+    written as it finishes, and beside it a row "<label>@<name>" per `inference` variant (the
+    same training answering with those parameters). Returns the rows, finished earlier or now."""
     results.check_label(label, method, params)
+    for name, overrides in (inference or {}).items():
+        results.check_label(f"{label}@{name}", method, {**params, **overrides})
     rows = []
     for seed in seeds:
         for sequence in sequences:
             row = results.finished(label, sequence, seed)
             if row is None:
                 with held(lock):
-                    row = {"label": label, **run(method, params, sequence, seed, budget,
+                    row = {"label": label, **run(method, params, sequence, seed, budget, inference=inference,
                                                  validation_examples=results.header["validation_examples"], **kwargs)}
-                results.add(row)
-                val, test = row["validation"]["oracle"], row["test"]["oracle"]
-                print(f"{label} {sequence} seed {seed}: validation AA {val['AA']:.1f} BwT {val['BwT']:+.1f}; "
-                      f"test AA {test['AA']:.1f} BwT {test['BwT']:+.1f} ({row['wall_s']:.0f} s)", flush=True)
+                variants = [{**row, "label": f"{label}@{name}", "params": {**params, **variant.pop("params")},
+                             "trained_as": label, **variant} for name, variant in row.pop("inference", {}).items()]
+                results.add(row, *variants)
+                for finished in (row, *variants):
+                    report(finished)
             rows.append(row)
     return rows
+
+
+def report(row: dict) -> None:
+    val, test = row["validation"]["oracle"], row["test"]["oracle"]
+    print(f"{row['label']} {row['sequence']} seed {row['seed']}: validation AA {val['AA']:.1f} BwT {val['BwT']:+.1f}; "
+          f"test AA {test['AA']:.1f} BwT {test['BwT']:+.1f} ({row['wall_s']:.0f} s)", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -241,6 +277,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--test-examples", type=int, default=100)
     parser.add_argument("--validation-examples", type=int, default=100)
+    parser.add_argument("--inference", default="{}", type=json.loads,
+                        help='name → parameters that change only inference, e.g. {"snap": {"shared_inference": "snapshot"}}')
     parser.add_argument("--lock", type=Path)
     return parser.parse_args(argv)
 
@@ -250,7 +288,7 @@ def main(argv=None) -> None:
     budget = Budget(steps_per_task=args.steps, test_examples=args.test_examples)
     results = Results(args.out, budget, args.validation_examples)
     run_missing(results, args.label, args.method, args.params, args.sequences.split(","),
-                [int(s) for s in args.seeds.split(",")], budget, args.lock)
+                [int(s) for s in args.seeds.split(",")], budget, args.lock, args.inference or None)
 
 
 if __name__ == "__main__":
