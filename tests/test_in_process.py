@@ -99,11 +99,27 @@ def test_the_selection_summary_pairs_each_variant_with_the_references_on_both_sp
         return {"label": label, "sequence": "s", "seed": seed,
                 "validation": {"oracle": {"AA": 60.0, "BwT": val_bwt}}, "test": {"oracle": {"AA": 60.0, "BwT": test_bwt}}}
 
+    free = moe_cl_shared.REFERENCES[1]
     rows = [row("seq_lora", 0, -10.0, -9.0), row("seq_lora", 1, -12.0, -8.0),
-            row("free", 0, -8.0, -9.0), row("free", 1, -6.0, -8.0), row("mine", 0, -1.0, -2.0)]
+            row(free, 0, -8.0, -9.0), row(free, 1, -6.0, -8.0), row("mine", 0, -1.0, -2.0)]
     out = moe_cl_shared.summary(rows)
-    assert out["s/free"]["validation"]["BwT"] == [-8.0, -6.0] and out["s/free"]["seeds"] == [0, 1]
-    assert out["s/free"]["vs_seq_lora"]["validation"]["BwT"]["per_seed"] == [2.0, 6.0]
-    assert out["s/free"]["vs_seq_lora"]["test"]["BwT"]["per_seed"] == [0.0, 0.0]
-    assert out["s/mine"]["vs_free"]["validation"]["BwT"]["seeds"] == [0]
-    assert "vs_free" not in out["s/free"] and "vs_seq_lora" not in out["s/seq_lora"]
+    assert out[f"s/{free}"]["validation"]["BwT"] == [-8.0, -6.0] and out[f"s/{free}"]["seeds"] == [0, 1]
+    assert out[f"s/{free}"]["vs_seq_lora"]["validation"]["BwT"]["per_seed"] == [2.0, 6.0]
+    assert out[f"s/{free}"]["vs_seq_lora"]["test"]["BwT"]["per_seed"] == [0.0, 0.0]
+    assert out["s/mine"][f"vs_{free}"]["validation"]["BwT"]["seeds"] == [0]
+    assert f"vs_{free}" not in out[f"s/{free}"] and "vs_seq_lora" not in out["s/seq_lora"]
+
+
+def test_an_inference_variant_answers_with_the_same_training_and_gets_its_own_row(data, tmp_path):
+    results = in_process.Results(tmp_path / "r.json", BUDGET, 10)
+    params = {"shared_anchor": "none", "shared_inference": "snapshot"}
+    in_process.run_missing(results, "snap", "moe_cl", params, ["smoke"], [0], BUDGET,
+                           inference={"paper": {"shared_inference": "current"}}, data=data,
+                           cache=tmp_path / "cache", tasks=list(TASKS))
+    snap, paper = results.finished("snap", "smoke", 0), results.finished("snap@paper", "smoke", 0)
+    assert paper["params"] == {**params, "shared_inference": "current"} and paper["trained_as"] == "snap"
+    # the last task reads the shared expert as it is under both: its column agrees, row by row
+    for split in ("validation", "test"):
+        assert decode(snap[split]["oracle"]["correct"])[1][1].tolist() == \
+            decode(paper[split]["oracle"]["correct"])[1][1].tolist()
+        assert snap[split]["oracle"]["R"][0][0] == paper[split]["oracle"]["R"][0][0]  # after task 0: nothing to choose
