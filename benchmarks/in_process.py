@@ -190,7 +190,13 @@ class Results:
                 raise SystemExit(f"{self.path}: label {label!r} ran {r['method']} {r['params']}, not {method} {params}")
 
     def add(self, *rows: dict) -> None:
-        self.rows.extend(rows)
+        """Append `rows` to what the file holds now: another process may have added rows since
+        this one read it (runs of other labels into the same file, one at a time)."""
+        on_disk = json.loads(self.path.read_text())["runs"] if self.path.exists() else []
+        merged = {(r["label"], r["sequence"], r["seed"]): r for r in on_disk}
+        for row in [*self.rows, *rows]:
+            merged.setdefault((row["label"], row["sequence"], row["seed"]), row)
+        self.rows = list(merged.values())
         atomic_write_text(self.path, json.dumps({**self.header, "runs": self.rows}))
 
 

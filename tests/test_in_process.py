@@ -75,6 +75,12 @@ def test_finished_runs_are_kept_and_skipped_and_a_label_names_one_method(data, t
         in_process.run_missing(again, "a", "moe_cl", {}, ["order1"], [0], BUDGET)
     with pytest.raises(SystemExit, match="was made with"):
         in_process.Results(tmp_path / "r.json", BUDGET, 20)
+    # two processes filling one file: neither drops the other's rows
+    first, second = in_process.Results(tmp_path / "r.json", BUDGET, 10), in_process.Results(tmp_path / "r.json", BUDGET, 10)
+    in_process.run_missing(first, "b", "seq_lora", {}, ["order1"], [0], BUDGET)
+    in_process.run_missing(second, "c", "seq_lora", {}, ["order1"], [0], BUDGET)
+    saved = in_process.Results(tmp_path / "r.json", BUDGET, 10).rows
+    assert [(r["label"], r["seed"]) for r in saved] == [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
 
 
 def test_a_paired_difference_gets_a_t_interval_over_the_seeds_both_have():
