@@ -27,22 +27,24 @@ from benchmarks.cl_quality import Budget
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_cl_selection.json"
 SUMMARY = RESULTS.with_name("moe_cl_selection_summary.json")
 # MoE-CL's retention parameters, spelled out in full, so that a change of its defaults does not
-# change what a name ran. "+snap" trains with snapshot experts and answers through them; its
-# "@paper" row is the same training answering in the paper's form (the current shared expert).
+# change what a name ran. "+mem16" trains with snapshot experts and 16 remembered rows per task
+# and answers through the snapshots the rows choose; its "@paper" row is the same training
+# answering in the paper's form (the current shared expert for every task).
 GAME = {"adv_weight": 0.1, "adv_warmup_steps": 4, "feature_memory": 64, "shared_lr_scale": 1.0}
 FREE = {**GAME, "shared_anchor": "none", "shared_inference": "current"}
+SNAPSHOTS = {"shared_inference": "snapshot", "snapshot_choice": "memory", "choice_memory": 16}
+LOSS_RISE = {"shared_anchor": "fisher", "shared_anchor_on": "loss_rise", "shared_anchor_weight": 10.0}
 PAPER = {"paper": {"shared_inference": "current"}}
 VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
     "seq_lora": ("seq_lora", {}, None),
-    "free+snap": ("moe_cl", {**FREE, "shared_inference": "snapshot"}, PAPER),
-    "loss_rise10+snap": ("moe_cl", {**FREE, "shared_anchor": "fisher", "shared_anchor_on": "loss_rise",
-                                    "shared_anchor_weight": 10.0, "shared_inference": "snapshot"}, PAPER),
+    "free+mem16": ("moe_cl", {**FREE, **SNAPSHOTS}, PAPER),
+    "loss_rise10+mem16": ("moe_cl", {**FREE, **LOSS_RISE, **SNAPSHOTS}, PAPER),
     "fisher10": ("moe_cl", {**FREE, "shared_anchor": "fisher", "shared_anchor_on": "every_task",
                             "shared_anchor_weight": 10.0}, None),
     "label_rule": ("moe_cl", {**FREE, "shared_anchor": "fisher", "shared_anchor_on": "new_labels",
                               "shared_anchor_weight": 10.0}, None),
 }
-REFERENCES = ("seq_lora", "free+snap@paper")
+REFERENCES = ("seq_lora", "free+mem16@paper")
 
 
 def summary(rows: list[dict]) -> dict:

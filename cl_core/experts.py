@@ -40,8 +40,8 @@ class RoutingContext:
     task_ids: [B] task index of each sample, or None when the task is unknown (inference).
     attention_mask: [B, T], for pooling over real tokens.
     query: [B, q] frozen per-sample features, for similarity routing.
-    snapshots: route a task to its own snapshot of the shared experts where the bank has one
-    (MoE-CL's snapshot inference) instead of the current shared experts.
+    snapshot_tasks: the tasks that read their own snapshot of the shared experts (MoE-CL's
+    snapshot inference) instead of the current shared experts.
     The layers append what methods read after the forward (each layer's attention-masked mean
     FFN input per sample where `capture_inputs`, router probabilities for balancing losses).
     """
@@ -49,7 +49,7 @@ class RoutingContext:
     task_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     query: torch.Tensor | None = None
-    snapshots: bool = False
+    snapshot_tasks: frozenset[int] = frozenset()
     capture_inputs: bool = False
     pooled_inputs: list[torch.Tensor] = field(default_factory=list)
     router_probs: list[torch.Tensor] = field(default_factory=list)

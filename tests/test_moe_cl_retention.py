@@ -102,10 +102,10 @@ def test_loss_rise_holds_a_task_that_a_later_one_hurts_and_leaves_one_it_helps_f
     assert every > 0.5 * gain  # an anchor on every task costs task 0 most of that gain (measured −0.19)
 
 
-def _task0_logits(model, objective, examples, snapshots: bool):
+def _task0_logits(model, objective, examples, snapshot_tasks=frozenset()):
     batch = objective.collate(examples[0][:6])
     model.eval()
-    with torch.no_grad(), model.bank.routing(task_ids=batch["task_ids"], snapshots=snapshots):
+    with torch.no_grad(), model.bank.routing(task_ids=batch["task_ids"], snapshot_tasks=snapshot_tasks):
         return model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
@@ -119,20 +119,27 @@ def test_snapshot_inference_answers_a_task_that_lost_as_it_did_at_its_end():
     for t in (0, 1):
         method.setup_task(model, t)
         train_steps(learner, batches(objective.collate, examples[t], 8, epochs=1 + t), lr=1e-2)
-        method.after_task(model, t, lambda: batches(objective.collate, examples[t], 8),
-                          task_loss_fn(model, objective, method))
-        ends.append(_task0_logits(model, objective, examples, snapshots=False))
-    assert model.method_state[f"{PREFIX}reads_current"].tolist() == [0, 1]  # task 0's loss rose: its snapshot
-    assert torch.equal(_task0_logits(model, objective, examples, snapshots=True), ends[0])
+        rows = [objective.collate(examples[t][s:s + 8]) for s in range(0, 48, 8)]  # in order, as the bank stage
+        method.after_task(model, t, lambda rows=rows: iter(rows), task_loss_fn(model, objective, method))
+        ends.append(_task0_logits(model, objective, examples))
+    # task 0's loss rose, by both rules: it answers from its snapshot, task 1 from the shared expert
+    for rule in ("memory", "estimate"):
+        assert model.method_state[f"{PREFIX}reads_snapshot.{rule}"].tolist() == [1, 0]
+    batch = objective.collate(examples[0][:2])
+    assert method.routing_fields(model, batch, training=False)["snapshot_tasks"] == {0}
+    assert method.routing_fields(model, batch, training=True)["snapshot_tasks"] == frozenset()
+    assert torch.equal(_task0_logits(model, objective, examples, frozenset({0})), ends[0])
     assert not torch.allclose(ends[1], ends[0])  # the paper's form reads the shared expert as task 1 left it
     assert not any(p.requires_grad for p in model.bank.expert_parameters(kind="snapshot").values())
-    assert method.routing_fields(model, objective.collate(examples[0][:2]), training=False)["snapshots"]
-    assert not method.routing_fields(model, objective.collate(examples[0][:2]), training=True)["snapshots"]
+    # the remembered rows are task 0's first 16 training rows (the bank stage's order)
+    assert torch.equal(model.method_state[f"{PREFIX}task0.rows0.input_ids"], objective.collate(examples[0][:8])["input_ids"])
+    assert model.method_state[f"{PREFIX}task0.rows1.input_ids"].shape[0] == 8 and f"{PREFIX}task0.rows2.input_ids" \
+        not in model.method_state
 
 
 def test_snapshot_inference_reads_the_current_shared_expert_where_the_estimate_says_it_helps():
     model, objective, method, examples, _ = _train_two("same", shared_anchor="none", shared_inference="snapshot")
     method.after_task(model, 1, lambda: batches(objective.collate, examples[1], 8), task_loss_fn(model, objective, method))
-    assert model.method_state[f"{PREFIX}reads_current"].tolist() == [1, 1]
-    assert torch.equal(_task0_logits(model, objective, examples, snapshots=True),
-                       _task0_logits(model, objective, examples, snapshots=False))
+    for rule in ("memory", "estimate"):  # task 0 gained: both rules leave it on the shared expert
+        assert model.method_state[f"{PREFIX}reads_snapshot.{rule}"].tolist() == [0, 0]
+    assert method.snapshot_tasks(model) == frozenset()

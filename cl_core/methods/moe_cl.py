@@ -17,9 +17,12 @@ What keeps earlier tasks (`docs/methods.md`, MoE-CL, says which default was chos
   "new_labels" (the label rule: it compares label names), only while a task whose label set no
   earlier task had trains. "l2": the same pull unweighted.
 - `shared_inference` "snapshot" (a variant that changes inference; the paper's form is
-  "current"): after each task t the bank keeps a frozen snapshot expert per task; task j reads
-  its snapshot, set either to θ*_j or to the current shared expert, whichever ĉ_j says has the
-  lower loss (the current one where ĉ_j < 0). Training is unchanged.
+  "current"): after each task t the bank keeps frozen snapshot experts, the shared expert as t
+  left it (θ*_t). At inference a task answers from its snapshot where `snapshot_choice` says the
+  snapshot is the better, as judged after the latest task: "memory", its `choice_memory`
+  remembered training rows (a declared memory of earlier tasks' rows: read to choose, never
+  trained on) have a higher loss now than at its end; "estimate", ĉ_j > 0 (no rows). Training
+  is unchanged.
 - `shared_lr_scale`, `shared_weight_decay`: its own optimizer parameter group; `shared_ema`: an
   exponential moving average of it over training steps.
 
@@ -87,13 +90,17 @@ class MoECLParams(MethodParams):
     # "new_labels" is the label rule (it compares label names); "loss_rise" needs "fisher"
     shared_anchor_on: Literal["every_task", "loss_rise", "new_labels"] = "loss_rise"
     shared_inference: Literal["current", "snapshot"] = "current"
+    snapshot_choice: Literal["estimate", "memory"] = "memory"
+    choice_memory: int = Field(16, ge=0)  # training rows kept per task to choose snapshots (never trained on)
     shared_ema: float = Field(0.0, ge=0, lt=1)  # decay per optimizer step; 0 = no moving average
     shared_experts: int = Field(1, ge=1)  # the discriminator reads the shared expert
     experts_per_task: int = Field(1, ge=1)
     max_tasks: int = Field(16, ge=1)
 
     @model_validator(mode="after")
-    def _loss_rise_needs_fisher(self):
+    def _consistent(self):
+        if self.shared_inference == "snapshot" and self.snapshot_choice == "memory" and not self.choice_memory:
+            raise ValueError("snapshot_choice 'memory' reads the remembered rows: set choice_memory > 0")
         if self.shared_anchor_on == "loss_rise" and self.shared_anchor not in ("fisher", "none"):
             raise ValueError(f"shared_anchor_on 'loss_rise' pulls with each task's Fisher: set shared_anchor "
                              f"'fisher' (not {self.shared_anchor!r}) or another shared_anchor_on")
@@ -155,7 +162,14 @@ class MoECL(Method):
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {"task_ids": batch["task_ids"], "capture_inputs": training and self.discriminates(model),
-                "snapshots": not training and self.params.shared_inference == "snapshot"}
+                "snapshot_tasks": frozenset() if training else self.snapshot_tasks(model)}
+
+    def snapshot_tasks(self, model: ContinualModel) -> frozenset[int]:
+        """The tasks that answer from their snapshot under `shared_inference` "snapshot"."""
+        flags = model.method_state.get(f"{PREFIX}reads_snapshot.{self.params.snapshot_choice}")
+        if self.params.shared_inference != "snapshot" or flags is None:
+            return frozenset()
+        return frozenset(j for j, flag in enumerate(flags.tolist()) if flag)
 
     def param_groups(self, model: ContinualModel, params: list[torch.nn.Parameter], lr: float) -> list[dict]:
         shared = {id(p) for p in shared_parameters(model).values()}
@@ -255,35 +269,69 @@ class MoECL(Method):
         if self.keeps_task_statistics():
             store_task_statistics(model, PREFIX, task, shared, batches, loss_fn)
         if self.params.shared_inference == "snapshot":
-            choose_snapshots(model, task)
+            add_snapshot(model, task)
+            if self.params.choice_memory:
+                remember_rows(model, task, batches, self.params.choice_memory, loss_fn)
+            choose_snapshots(model, task, loss_fn, memory=self.params.choice_memory > 0)
         if self.params.feature_memory:
             remember_pooled_inputs(model, task, batches, self.params.feature_memory)
 
 
-def choose_snapshots(model: ContinualModel, task: int) -> None:
-    """Add task `task`'s snapshot experts, and set each task j's snapshot (j ≤ task) to the
-    current shared experts where ĉ_j < 0 (its loss estimated lower now; always for j = task),
-    else to θ*_j. What each task reads is kept in method_state "moe_cl.reads_current" (1: current)."""
-    shared = shared_parameters(model)
-    names = [m.name for m in model.bank.layers[0].expert_meta if m.kind == "shared"]
+def add_snapshot(model: ContinualModel, task: int) -> None:
+    """Frozen copies of the shared experts as they are now, task `task`'s snapshot experts."""
     existing = model.bank.expert_names()
-    for name in names:
-        if snapshot_name(task, name) not in existing:
-            model.bank.add_expert(ExpertMeta(name=snapshot_name(task, name), kind="snapshot", task=task))
+    for l, layer in enumerate(model.bank.layers):
+        for e, meta in enumerate(list(layer.expert_meta)):
+            if meta.kind == "shared" and snapshot_name(task, meta.name) not in existing:
+                model.bank.add_expert(ExpertMeta(name=snapshot_name(task, meta.name), kind="snapshot", task=task),
+                                      layers=[l], init_from={l: e})
     model.bank.set_trainable(False, kind="snapshot")
+
+
+def remember_rows(model: ContinualModel, task: int, batches, count: int, loss_fn) -> None:
+    """Keep the first `count` training rows of `task` (the declared choice memory: read to
+    choose, never trained on) as collated batches, and their mean loss now, at the task's end."""
+    kept, losses = 0, []
     with torch.no_grad():
-        reads_current = [j == task or float(estimated_loss_change(model, PREFIX, j, shared)) < 0 for j in range(task + 1)]
-        for l, layer in enumerate(model.bank.layers):
-            index = {m.name: e for e, m in enumerate(layer.expert_meta)}
-            for j, current in enumerate(reads_current):
-                for name in names:
-                    source = layer.experts[index[name]]
-                    for key, p in layer.experts[index[snapshot_name(j, name)]].named_parameters():
-                        value = getattr(source, key) if current else \
-                            model.method_state[f"{PREFIX}task{j}.anchor.layers.{l}.experts.{index[name]}.{key}"]
-                        p.copy_(value)
-    model.method_state[f"{PREFIX}reads_current"] = torch.tensor(reads_current, dtype=torch.long,
-                                                                 device=next(iter(shared.values())).device)
+        for b, batch in enumerate(batches()):
+            batch = {k: v[: count - kept] for k, v in batch.items()}
+            for field, value in batch.items():
+                model.method_state[f"{PREFIX}task{task}.rows{b}.{field}"] = value
+            losses.append((float(loss_fn(batch)), len(batch["input_ids"])))
+            kept += len(batch["input_ids"])
+            if kept >= count:
+                break
+    model.method_state[f"{PREFIX}task{task}.rows_loss"] = torch.tensor(sum(l * n for l, n in losses) / kept)
+
+
+def remembered_loss(model: ContinualModel, task: int, loss_fn) -> float:
+    """Mean loss of `task`'s remembered rows with the bank as it is now."""
+    total, count, b = 0.0, 0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        while f"{PREFIX}task{task}.rows{b}.input_ids" in model.method_state:
+            prefix = f"{PREFIX}task{task}.rows{b}."
+            batch = {k[len(prefix):]: v.to(device) for k, v in model.method_state.items() if k.startswith(prefix)}
+            total += float(loss_fn(batch)) * len(batch["input_ids"])
+            count += len(batch["input_ids"])
+            b += 1
+    return total / count
+
+
+def choose_snapshots(model: ContinualModel, task: int, loss_fn, memory: bool) -> None:
+    """After task `task`: which tasks j ≤ task would answer better from their snapshot (θ*_j)
+    than from the current shared expert, by each rule: "estimate", ĉ_j > 0; "memory" (where
+    rows are remembered), the remembered rows' loss higher now than at j's end. Kept in
+    method_state "moe_cl.reads_snapshot.<rule>" (1: the snapshot), read at inference."""
+    shared = shared_parameters(model)
+    with torch.no_grad():
+        rules = {"estimate": [j < task and float(estimated_loss_change(model, PREFIX, j, shared)) > 0
+                              for j in range(task + 1)]}
+    if memory:
+        rules["memory"] = [j < task and remembered_loss(model, j, loss_fn) > float(model.method_state[f"{PREFIX}task{j}.rows_loss"])
+                           for j in range(task + 1)]
+    for rule, flags in rules.items():
+        model.method_state[f"{PREFIX}reads_snapshot.{rule}"] = torch.tensor(flags, dtype=torch.long)
 
 
 def gradient_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
