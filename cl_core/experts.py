@@ -40,15 +40,18 @@ class RoutingContext:
     task_ids: [B] task index of each sample, or None when the task is unknown (inference).
     attention_mask: [B, T], for pooling over real tokens.
     query: [B, q] frozen per-sample features, for similarity routing.
-    The layers append what methods read after the forward (pooled shared-expert features,
-    router probabilities for balancing losses).
+    snapshot_tasks: the tasks that read their own snapshot of the shared experts (MoE-CL's
+    snapshot inference) instead of the current shared experts.
+    The layers append what methods read after the forward (each layer's attention-masked mean
+    FFN input per sample where `capture_inputs`, router probabilities for balancing losses).
     """
 
     task_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     query: torch.Tensor | None = None
-    capture_shared: bool = False
-    shared_features: list[torch.Tensor] = field(default_factory=list)
+    snapshot_tasks: frozenset[int] = frozenset()
+    capture_inputs: bool = False
+    pooled_inputs: list[torch.Tensor] = field(default_factory=list)
     router_probs: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -134,6 +137,8 @@ class MixtureFFN(nn.Module):
             return self.base(x)
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
+        if self.context.capture_inputs:
+            self.context.pooled_inputs.append(self._pooled(x.detach()))
         route = self.router(x, self.context, self)
         gate_base = self.base.gate_proj(xf)
         up_base = self.base.up_proj(xf)
@@ -182,8 +187,6 @@ class MixtureFFN(nn.Module):
         h = self._expert_hidden(xd, gate_base, up_base, experts)  # [E, N, I]
         gates = route.gates.transpose(0, 1)  # [E, N]
         mixed = torch.einsum("en,eni->ni", gates, h)
-        if self.context.capture_shared:
-            self._capture_shared(h, gate_base, up_base, experts, shape)
         return self.base.down_proj(mixed) + self._down_delta(h, experts, gates)
 
     def _cat(self, name: str, transpose: bool = False) -> torch.Tensor:
@@ -224,30 +227,21 @@ class MixtureFFN(nn.Module):
         z = (self._shared_dropout(h) @ self._cat("A_down").T) * (mask * (s * gates).unsqueeze(-1))  # [k, N, E·r]
         return self.base.down_proj(mixed) + z.sum(0) @ self._cat("B_down", transpose=True)
 
-    def _capture_shared(self, h: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
-                        experts: list[int], shape) -> None:
-        """What the shared experts add to the base FFN, attention-masked mean per sample: [B, d].
-
-        Their contribution, not their whole FFN output: the base part carries whatever tells the
-        inputs apart and no expert can change it. Pooling commutes with the (linear) down
-        projection, so pool h first and project the [B, I] means instead of every token.
-        """
-        shared = [i for i, e in enumerate(experts) if self.expert_meta[e].kind == "shared"]
-        if not shared:
-            return
-        b, t = shape[0], shape[1]
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention-masked mean over tokens of x [B, T, d] → [B, d], float32."""
         mask = self.context.attention_mask
-        mask = torch.ones(b, t, dtype=h.dtype, device=h.device) if mask is None else mask.to(h.dtype)
-        weights = mask / mask.sum(1, keepdim=True).clamp(min=1)  # [B, T]
-        # A block-diagonal [B, B·T] pooling matrix pools h in one matmul; indexing the shared
-        # experts out of h would copy them, and scatter into a zero [E, N, I] gradient backward.
-        pool = (torch.eye(b, dtype=h.dtype, device=h.device)[:, :, None] * weights).reshape(b, b * t)
-        pooled = (pool @ h)[shared]  # [S, B, I]
-        pooled_base = pool @ (self.base.act_fn(gate_base) * up_base)  # [B, I]
-        ids = [experts[i] for i in shared]
-        out = self.base.down_proj(pooled - pooled_base) + self.scaling * torch.einsum(
-            "ebr,edr->ebd", pooled @ self._stack(ids, "A_down").transpose(1, 2), self._stack(ids, "B_down"))
-        self.context.shared_features.append(out.mean(0))
+        mask = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+        return (x.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+    def shared_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """What the shared experts add to the base FFN at inputs x [B, d], averaged over them:
+        [B, d]. Differentiable in the shared experts only where x is detached."""
+        shared = self.experts_of("shared")
+        gate_base, up_base = self.base.gate_proj(x), self.base.up_proj(x)
+        h = self._expert_hidden(x, gate_base, up_base, shared)  # [S, B, I]
+        delta = self.base.down_proj(h - self.base.act_fn(gate_base) * up_base) + self.scaling * torch.einsum(
+            "ebr,edr->ebd", h @ self._stack(shared, "A_down").transpose(1, 2), self._stack(shared, "B_down"))
+        return delta.mean(0)
 
 
 def naive_mixture(layer: MixtureFFN, x: torch.Tensor, experts: list[int], gates: torch.Tensor) -> torch.Tensor:

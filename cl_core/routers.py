@@ -2,7 +2,9 @@
 
 - `task`: MoE-CL. Token-wise softmax over {shared experts, the sample's task experts}; one
   bias-free linear gate d→E per task, N(0, 0.02). Needs the task id. In a layer where a task
-  added no expert (CMoE), the latest earlier task with experts there serves it.
+  added no expert (CMoE), the latest earlier task with experts there serves it. A task's
+  snapshot experts (kind "snapshot") take the shared experts' place for it where the routing
+  context lists it in `snapshot_tasks`.
 - `learned`: softmax (or top-k) over all experts of the layer; no task id.
 - `similarity`: MoCL. Per-sample softmax(8·cos(query, key_k)) over task experts, the query being
   frozen features of the input; no task id. Given task ids (>= 0), a sample mixes only the experts
@@ -35,12 +37,16 @@ class TaskRouter(nn.Module):
         super().__init__()
         self.hidden = hidden
         self.shared: list[int] = []
+        self.snapshots: dict[int, list[int]] = {}
         self.task_experts: dict[int, list[int]] = {}
         self.gates = nn.ModuleDict()
 
     def on_expert_added(self, index: int, meta: ExpertMeta) -> None:
         if meta.kind == "shared":
             self.shared.append(index)
+            return
+        if meta.kind == "snapshot":
+            self.snapshots.setdefault(meta.task, []).append(index)
             return
         self.task_experts.setdefault(meta.task, []).append(index)
         # A task's gate has one output per expert it mixes; (re)built while the task's experts
@@ -59,8 +65,9 @@ class TaskRouter(nn.Module):
             raise ValueError(f"task {task} has no experts in this bank (tasks: {sorted(self.task_experts)})")
         return max(earlier)
 
-    def experts_for(self, task: int) -> list[int]:
-        return self.shared + self.task_experts[self.group_of(task)]
+    def experts_for(self, task: int, snapshot_tasks: frozenset[int] = frozenset()) -> list[int]:
+        shared = self.snapshots.get(task, self.shared) if task in snapshot_tasks else self.shared
+        return shared + self.task_experts[self.group_of(task)]
 
     def gate_for(self, task: int) -> nn.Linear:
         return self.gates[str(self.group_of(task))]
@@ -74,15 +81,15 @@ class TaskRouter(nn.Module):
         for task in tasks:
             self.group_of(task)  # raises for a task without experts here or earlier
         if len(tasks) == 1:
-            experts = self.experts_for(tasks[0])
+            experts = self.experts_for(tasks[0], ctx.snapshot_tasks)
             gates = torch.softmax(self.gate_for(tasks[0])(x), dim=-1)
             return Route(gates=gates.reshape(b * t, -1), experts=experts)
         # Mixed-task batch (replay, joint training): dense over the union, zero weight elsewhere.
-        experts = sorted({e for task in tasks for e in self.experts_for(task)})
+        experts = sorted({e for task in tasks for e in self.experts_for(task, ctx.snapshot_tasks)})
         column = {e: i for i, e in enumerate(experts)}
         gates = x.new_zeros(b, t, len(experts))
         for task in tasks:
-            cols = torch.tensor([column[e] for e in self.experts_for(task)], device=x.device)
+            cols = torch.tensor([column[e] for e in self.experts_for(task, ctx.snapshot_tasks)], device=x.device)
             in_task = (ctx.task_ids == task).to(x.dtype)[:, None, None]
             weights = torch.softmax(self.gate_for(task)(x), dim=-1) * in_task
             gates = gates.index_add(2, cols, weights)

@@ -2,31 +2,44 @@
 discriminator trained adversarially against the shared expert (Kang et al., 2025).
 
 Task t's forward uses the frozen base, its own expert and gate (frozen once t is learned) and the
-shared expert, which every task trains. So the shared expert alone can make an old task forget,
-and this file controls its drift:
-- `shared_lr_scale`, `shared_weight_decay`: its own parameter group in the optimizer;
-- `shared_anchor` "l2" or "fisher": a pull towards its value at the end of the previous task,
-  weighted `shared_anchor_weight`. "fisher" weighs it by the per-sample Fisher scaled as SETA's
-  (`cl_core.anchoring.store_loss_scaled_fisher`): at weight 1 the pull equals a task's loss when
-  the shared expert moves as far again as it moved during that task;
-- `shared_ema` > 0: the bank keeps an exponential moving average of it over training steps.
-By default the Fisher anchor at weight 10 pulls only while a task with a label set of its own is
-trained (`shared_anchor_on` "new_labels"): measured on the shared sequences (README, MoE-CL), it
-turned order1's BwT (four label sets) from about −13 into about 0, while on MultiEmo (one label
-set, four domains) the free shared expert carries what later domains teach earlier ones (BwT +8)
-and the same anchor cost 9.6 points of AA. "every_task" anchors whatever the labels, as does a
-method built without `task_labels`.
+shared expert, which every task trains. So the shared expert alone can make an old task forget.
+What keeps earlier tasks (`docs/methods.md`, MoE-CL, says which default was chosen and how):
+- `shared_anchor` "fisher" with `shared_anchor_on` "loss_rise": after each task t the bank keeps
+  that task's own local model of its loss in the shared expert θ: its value θ*_t there, its mean
+  gradient g_t and per-sample Fisher F_t (`cl_core.anchoring.store_task_statistics`). While a
+  later task trains, each earlier task j whose estimated loss change ĉ_j = g_jᵀΔ + ½ΔᵀF_jΔ
+  (Δ = θ − θ*_j, second order) is above 0 pulls θ towards θ*_j with its own loss-scaled Fisher,
+  weighted `shared_anchor_weight`; a task the estimate says has not lost pulls nothing, so a
+  move that helps it goes free. The estimate only switches the pull: its linear term is not
+  descended (a stale gradient followed for many steps overshoots).
+- `shared_anchor` "fisher" with "every_task": a pull towards θ at the end of the previous task
+  weighted by the summed loss-scaled Fisher (`store_loss_scaled_fisher`) on every task; with
+  "new_labels" (the label rule: it compares label names), only while a task whose label set no
+  earlier task had trains. "l2": the same pull unweighted.
+- `shared_inference` "snapshot" (a variant that changes inference; the paper's form is
+  "current"): after each task t the bank keeps frozen snapshot experts, the shared expert as t
+  left it (θ*_t). At inference a task answers from its snapshot where `snapshot_choice` says the
+  snapshot is the better, as judged after the latest task: "memory", its `choice_memory`
+  remembered training rows (a declared memory of earlier tasks' rows: read to choose, never
+  trained on) have a higher loss now than at its end; "estimate", ĉ_j > 0 (no rows). Training
+  is unchanged.
+- `shared_lr_scale`, `shared_weight_decay`: its own optimizer parameter group; `shared_ema`: an
+  exponential moving average of it over training steps.
 
 The adversarial game, per layer l: D_l = Linear(d, tasks seen, no bias) classifies the task from
-the attention-masked mean of what the shared expert adds to the FFN. D descends on its cross-entropy over the
-current task's features (detached) and remembered features of earlier tasks (`feature_memory`
-pooled vectors per task and layer, never text): without them every sample carries the current
-task's id and D learns "always the current task". The shared expert plays the other side with a
-bounded objective instead of reversing D's gradient (cross-entropy on logits is unbounded for the
-side that maximises it): it descends on KL(uniform ‖ D's prediction), zero when D cannot tell the
-tasks apart, through D's weights held fixed. Its weight ramps from 0 to `adv_weight` over the
-first `adv_warmup_steps` optimizer steps of a task, while D learns to tell the new task apart.
-`adv_weight` 0 is the no-GAN ablation (no discriminator trains).
+what the shared expert adds to the FFN at each sample's attention-masked mean FFN input x̄
+(`MixtureFFN.shared_delta`; x̄ detached, so the game's gradient reaches the shared expert alone,
+not the experts of lower layers). D descends on its cross-entropy, each task weighing the same,
+over the current task's features and those of earlier tasks' remembered inputs (`feature_memory`
+pooled FFN inputs per earlier task and layer, vectors, never text). The remembered inputs pass
+through the current shared expert at every step, so D compares the tasks under one shared
+expert, not the current one against its earlier selves. Without memory every sample carries the
+current task's id and D learns "always the current task". The shared expert plays the other side
+with a bounded objective instead of reversing D's gradient (cross-entropy on logits is unbounded
+for the side that maximises it): it descends on KL(uniform ‖ D's prediction) over the current
+task's features, zero when D cannot tell the tasks apart, through D's weights held fixed. Its
+weight ramps from 0 to `adv_weight` over the first `adv_warmup_steps` optimizer steps of a task,
+while D learns to tell the new task apart. `adv_weight` 0 is the no-GAN ablation.
 """
 
 from __future__ import annotations
@@ -36,10 +49,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from cl_core.anchoring import anchor_penalty, store_anchor, store_loss_scaled_fisher, store_start
-from cl_core.experts import RoutingContext
+from cl_core.anchoring import (anchor_penalty, estimated_loss_change, has_task_statistics, store_anchor,
+                               store_loss_scaled_fisher, store_start, store_task_statistics, task_anchor_penalty)
+from cl_core.experts import ExpertMeta, RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, shared_param_groups
 from cl_core.continual_model import ContinualModel
@@ -55,7 +69,8 @@ def discriminator_input(features: torch.Tensor) -> torch.Tensor:
 
 
 def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:
-    """Experts and gates of earlier tasks stay bit-identical from now on."""
+    """Experts, gates and snapshots of earlier tasks stay bit-identical from now on."""
+    model.bank.set_trainable(False, kind="snapshot")
     for earlier in range(task):
         model.bank.set_trainable(False, kind="task", task=earlier)
         for layer in model.bank.layers:
@@ -67,20 +82,37 @@ def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:
 class MoECLParams(MethodParams):
     adv_weight: float = Field(0.1, ge=0)
     adv_warmup_steps: int = Field(4, ge=0)
-    feature_memory: int = Field(64, ge=0)  # pooled shared features kept per earlier task and layer
-    shared_lr_scale: float = Field(1.0, gt=0)  # measured: see README, MoE-CL
+    feature_memory: int = Field(64, ge=0)  # pooled FFN inputs kept per earlier task and layer
+    shared_lr_scale: float = Field(1.0, gt=0)
     shared_weight_decay: float = Field(0.0, ge=0)
     shared_anchor: Literal["none", "l2", "fisher"] = "fisher"
     shared_anchor_weight: float = Field(10.0, ge=0)
-    shared_anchor_on: Literal["new_labels", "every_task"] = "new_labels"
+    # "new_labels" is the label rule (it compares label names); "loss_rise" needs "fisher"
+    shared_anchor_on: Literal["every_task", "loss_rise", "new_labels"] = "loss_rise"
+    shared_inference: Literal["current", "snapshot"] = "current"
+    snapshot_choice: Literal["estimate", "memory"] = "memory"
+    choice_memory: int = Field(16, ge=0)  # training rows kept per task to choose snapshots (never trained on)
     shared_ema: float = Field(0.0, ge=0, lt=1)  # decay per optimizer step; 0 = no moving average
     shared_experts: int = Field(1, ge=1)  # the discriminator reads the shared expert
     experts_per_task: int = Field(1, ge=1)
     max_tasks: int = Field(16, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.shared_inference == "snapshot" and self.snapshot_choice == "memory" and not self.choice_memory:
+            raise ValueError("snapshot_choice 'memory' reads the remembered rows: set choice_memory > 0")
+        if self.shared_anchor_on == "loss_rise" and self.shared_anchor not in ("fisher", "none"):
+            raise ValueError(f"shared_anchor_on 'loss_rise' pulls with each task's Fisher: set shared_anchor "
+                             f"'fisher' (not {self.shared_anchor!r}) or another shared_anchor_on")
+        return self
+
 
 def shared_parameters(model: ContinualModel) -> dict[str, torch.nn.Parameter]:
     return model.bank.expert_parameters(kind="shared")
+
+
+def snapshot_name(task: int, shared: str) -> str:
+    return f"snapshot{task}.{shared}"
 
 
 @register(MoECLParams)
@@ -89,15 +121,22 @@ class MoECL(Method):
     router = "task"
     routable = False
     anchored = False  # does the anchor pull while the task set up last trains?
+    estimated: tuple[int, ...] = ()  # earlier tasks with their own loss statistics (`store_task_statistics`)
 
     def anchors(self, task: int) -> bool:
         """Does the shared expert's anchor pull while `task` trains?"""
         p = self.params
         if p.shared_anchor == "none" or not p.shared_anchor_weight or task == 0:
             return False
-        if p.shared_anchor_on == "every_task" or self.task_labels is None or len(self.task_labels) <= task:
-            return True  # labels not given (a run always gives them): holding the old tasks is the safe side
+        if p.shared_anchor_on in ("every_task", "loss_rise"):
+            return True
+        if self.task_labels is None or len(self.task_labels) <= task:
+            return True  # the label rule without labels: holding the old tasks is the safe side
         return self.task_labels[task] not in self.task_labels[:task]
+
+    def keeps_task_statistics(self) -> bool:
+        p = self.params
+        return (p.shared_anchor == "fisher" and p.shared_anchor_on == "loss_rise") or p.shared_inference == "snapshot"
 
     def setup_task(self, model: ContinualModel, task: int) -> None:
         if task >= self.params.max_tasks:
@@ -112,29 +151,53 @@ class MoECL(Method):
                 model.widen_linear(name, task + 1)
         device = model.extras["disc_0"].weight.device
         model.method_state["adv_steps"] = torch.zeros((), dtype=torch.long, device=device)
-        if self.params.shared_anchor == "fisher":
+        if self.params.shared_anchor == "fisher" or self.keeps_task_statistics():
             store_start(model, PREFIX, shared_parameters(model))
         self.anchored = self.anchors(task)
+        self.estimated = tuple(j for j in range(task) if has_task_statistics(model, PREFIX, j))
 
     def discriminates(self, model: ContinualModel) -> bool:
         """Is there a game to play: a weight, and more than one task for D to tell apart?"""
         return self.params.adv_weight > 0 and model.extras["disc_0"].out_features > 1
 
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
-        return {"task_ids": batch["task_ids"], "capture_shared": training and self.discriminates(model)}
+        return {"task_ids": batch["task_ids"], "capture_inputs": training and self.discriminates(model),
+                "snapshot_tasks": frozenset() if training else self.snapshot_tasks(model)}
+
+    def snapshot_tasks(self, model: ContinualModel) -> frozenset[int]:
+        """The tasks that answer from their snapshot under `shared_inference` "snapshot"."""
+        flags = model.method_state.get(f"{PREFIX}reads_snapshot.{self.params.snapshot_choice}")
+        if self.params.shared_inference != "snapshot" or flags is None:
+            return frozenset()
+        return frozenset(j for j, flag in enumerate(flags.tolist()) if flag)
 
     def param_groups(self, model: ContinualModel, params: list[torch.nn.Parameter], lr: float) -> list[dict]:
         shared = {id(p) for p in shared_parameters(model).values()}
         return shared_param_groups(params, shared, lr, self.params.shared_lr_scale, self.params.shared_weight_decay)
 
-    def _discriminator_batch(self, model: ContinualModel, layer: int, features: torch.Tensor,
-                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """D's training inputs at a layer: the current features (detached) and the remembered ones."""
-        x = discriminator_input(features.detach())
-        if f"memory_{layer}" in model.method_state:
-            x = torch.cat([x, discriminator_input(model.method_state[f"memory_{layer}"])])
+    def shared_features(self, model: ContinualModel, ctx: RoutingContext) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer: the current batch's shared features, and the remembered tasks' (None before
+        any), both through the current shared expert."""
+        out = []
+        for l, layer in enumerate(model.bank.layers):
+            memory = model.method_state.get(f"memory_inputs_{l}")
+            out.append((layer.shared_delta(ctx.pooled_inputs[l]),
+                        None if memory is None else layer.shared_delta(memory)))
+        return out
+
+    def _discriminator_loss(self, model: ContinualModel, l: int, current: torch.Tensor,
+                            memory: torch.Tensor | None, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's cross-entropy at layer l on detached features, each task weighing the same
+        whatever its number of examples; and whether D named each example's task."""
+        x, labels = discriminator_input(current.detach()), task_ids
+        if memory is not None:
+            x = torch.cat([x, discriminator_input(memory.detach())])
             labels = torch.cat([labels, model.method_state["memory_tasks"]])
-        return x, labels
+        logits = F.linear(x, model.extras[f"disc_{l}"].weight.float())
+        counts = torch.bincount(labels, minlength=logits.shape[1]).float()
+        weights = 1.0 / counts[labels]
+        loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum() / weights.sum()
+        return loss, logits.argmax(-1) == labels
 
     def _ramp(self, model: ContinualModel) -> torch.Tensor | float:
         if not self.params.adv_warmup_steps:
@@ -144,33 +207,39 @@ class MoECL(Method):
 
     def extra_losses(self, model: ContinualModel, batch: dict, ctx: RoutingContext) -> dict[str, torch.Tensor]:
         losses = {}
-        if ctx.shared_features:
+        if ctx.pooled_inputs:
             disc, confusion = [], []
-            for l, features in enumerate(ctx.shared_features):
+            for l, (current, memory) in enumerate(self.shared_features(model, ctx)):
                 weight = model.extras[f"disc_{l}"].weight
-                x, labels = self._discriminator_batch(model, l, features, batch["task_ids"])
-                disc.append(F.cross_entropy(F.linear(x, weight.float()), labels))
+                disc.append(self._discriminator_loss(model, l, current, memory, batch["task_ids"])[0])
                 # The shared expert's side sees D fixed: the gradient reaches the features only.
-                logp = F.log_softmax(F.linear(discriminator_input(features), weight.detach().float()), -1)
+                logp = F.log_softmax(F.linear(discriminator_input(current), weight.detach().float()), -1)
                 confusion.append(-logp.mean(-1).mean() - math.log(weight.shape[0]))  # KL(uniform ‖ p) ≥ 0
             losses["disc"] = torch.stack(disc).mean()
             losses["confusion"] = self.params.adv_weight * self._ramp(model) * torch.stack(confusion).mean()
         if self.anchored:
-            penalty = anchor_penalty(model, PREFIX, shared_parameters(model),
-                                     weighted=self.params.shared_anchor == "fisher")
+            penalty = self._anchor_penalty(model)
             if penalty is not None:
                 losses["anchor"] = self.params.shared_anchor_weight * penalty
         return losses
+
+    def _anchor_penalty(self, model: ContinualModel) -> torch.Tensor | None:
+        shared = shared_parameters(model)
+        if self.params.shared_anchor_on != "loss_rise":
+            return anchor_penalty(model, PREFIX, shared, weighted=self.params.shared_anchor == "fisher")
+        with torch.no_grad():
+            losing = [j for j in self.estimated if float(estimated_loss_change(model, PREFIX, j, shared)) > 0]
+        if not losing:
+            return None
+        return torch.stack([task_anchor_penalty(model, PREFIX, j, shared) for j in losing]).sum()
 
     def training_logs(self, model: ContinualModel, ctx: RoutingContext, task_loss: torch.Tensor,
                       extra: dict[str, torch.Tensor], diagnose: bool) -> dict[str, float]:
         if "disc" not in extra:
             return {}
         with torch.no_grad():
-            hits = []
-            for l, features in enumerate(ctx.shared_features):
-                x, labels = self._discriminator_batch(model, l, features, ctx.task_ids)
-                hits.append((F.linear(x, model.extras[f"disc_{l}"].weight.float()).argmax(-1) == labels).float().mean())
+            hits = [self._discriminator_loss(model, l, current, memory, ctx.task_ids)[1].float().mean()
+                    for l, (current, memory) in enumerate(self.shared_features(model, ctx))]
         logs = {"disc/accuracy": float(torch.stack(hits).mean())}
         if diagnose and extra["confusion"].requires_grad:
             shared = [p for p in shared_parameters(model).values() if p.requires_grad]
@@ -195,10 +264,74 @@ class MoECL(Method):
                         p.copy_(model.method_state[f"{PREFIX}ema.{key}"].to(p.dtype))
         if self.params.shared_anchor == "l2":
             store_anchor(model, PREFIX, shared)
-        elif self.params.shared_anchor == "fisher":
+        elif self.params.shared_anchor == "fisher" and self.params.shared_anchor_on != "loss_rise":
             store_loss_scaled_fisher(model, PREFIX, shared, batches, loss_fn)
+        if self.keeps_task_statistics():
+            store_task_statistics(model, PREFIX, task, shared, batches, loss_fn)
+        if self.params.shared_inference == "snapshot":
+            add_snapshot(model, task)
+            if self.params.choice_memory:
+                remember_rows(model, task, batches, self.params.choice_memory, loss_fn)
+            choose_snapshots(model, task, loss_fn, memory=self.params.choice_memory > 0)
         if self.params.feature_memory:
-            remember_shared_features(model, task, batches, self.params.feature_memory)
+            remember_pooled_inputs(model, task, batches, self.params.feature_memory)
+
+
+def add_snapshot(model: ContinualModel, task: int) -> None:
+    """Frozen copies of the shared experts as they are now, task `task`'s snapshot experts."""
+    existing = model.bank.expert_names()
+    for l, layer in enumerate(model.bank.layers):
+        for e, meta in enumerate(list(layer.expert_meta)):
+            if meta.kind == "shared" and snapshot_name(task, meta.name) not in existing:
+                model.bank.add_expert(ExpertMeta(name=snapshot_name(task, meta.name), kind="snapshot", task=task),
+                                      layers=[l], init_from={l: e})
+    model.bank.set_trainable(False, kind="snapshot")
+
+
+def remember_rows(model: ContinualModel, task: int, batches, count: int, loss_fn) -> None:
+    """Keep the first `count` training rows of `task` (the declared choice memory: read to
+    choose, never trained on) as collated batches, and their mean loss now, at the task's end."""
+    kept, losses = 0, []
+    with torch.no_grad():
+        for b, batch in enumerate(batches()):
+            batch = {k: v[: count - kept] for k, v in batch.items()}
+            for field, value in batch.items():
+                model.method_state[f"{PREFIX}task{task}.rows{b}.{field}"] = value
+            losses.append((float(loss_fn(batch)), len(batch["input_ids"])))
+            kept += len(batch["input_ids"])
+            if kept >= count:
+                break
+    model.method_state[f"{PREFIX}task{task}.rows_loss"] = torch.tensor(sum(l * n for l, n in losses) / kept)
+
+
+def remembered_loss(model: ContinualModel, task: int, loss_fn) -> float:
+    """Mean loss of `task`'s remembered rows with the bank as it is now."""
+    total, count, b = 0.0, 0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        while f"{PREFIX}task{task}.rows{b}.input_ids" in model.method_state:
+            prefix = f"{PREFIX}task{task}.rows{b}."
+            batch = {k[len(prefix):]: v.to(device) for k, v in model.method_state.items() if k.startswith(prefix)}
+            total += float(loss_fn(batch)) * len(batch["input_ids"])
+            count += len(batch["input_ids"])
+            b += 1
+    return total / count
+
+
+def choose_snapshots(model: ContinualModel, task: int, loss_fn, memory: bool) -> None:
+    """After task `task`: which tasks j ≤ task would answer better from their snapshot (θ*_j)
+    than from the current shared expert, by each rule: "estimate", ĉ_j > 0; "memory" (where
+    rows are remembered), the remembered rows' loss higher now than at j's end. Kept in
+    method_state "moe_cl.reads_snapshot.<rule>" (1: the snapshot), read at inference."""
+    shared = shared_parameters(model)
+    with torch.no_grad():
+        rules = {"estimate": [j < task and float(estimated_loss_change(model, PREFIX, j, shared)) > 0
+                              for j in range(task + 1)]}
+    if memory:
+        rules["memory"] = [j < task and remembered_loss(model, j, loss_fn) > float(model.method_state[f"{PREFIX}task{j}.rows_loss"])
+                           for j in range(task + 1)]
+    for rule, flags in rules.items():
+        model.method_state[f"{PREFIX}reads_snapshot.{rule}"] = torch.tensor(flags, dtype=torch.long)
 
 
 def gradient_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
@@ -208,23 +341,24 @@ def gradient_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float
 
 
 @torch.no_grad()
-def remember_shared_features(model: ContinualModel, task: int, batches, count: int) -> None:
-    """Keep `count` pooled shared-expert features of `task` per layer (vectors, no text)."""
+def remember_pooled_inputs(model: ContinualModel, task: int, batches, count: int) -> None:
+    """Keep `count` pooled FFN inputs of `task` per layer (vectors, no text): what D's memory
+    features are computed from, through the shared expert of the moment."""
     per_layer: list[list[torch.Tensor]] = [[] for _ in model.bank.layers]
     kept = 0
     for batch in batches():
         with model.bank.routing(task_ids=batch["task_ids"], attention_mask=batch["attention_mask"],
-                                capture_shared=True) as ctx:
+                                capture_inputs=True) as ctx:
             model.hidden_states(batch["input_ids"], batch["attention_mask"])
-        for l, f in enumerate(ctx.shared_features):
-            per_layer[l].append(f.detach().float())
+        for l, x in enumerate(ctx.pooled_inputs):
+            per_layer[l].append(x)
         kept += len(batch["input_ids"])
         if kept >= count:
             break
-    for l, feats in enumerate(per_layer):
-        new = torch.cat(feats)[:count]
-        old = model.method_state.get(f"memory_{l}")
-        model.method_state[f"memory_{l}"] = new if old is None else torch.cat([old, new])
+    for l, inputs in enumerate(per_layer):
+        new = torch.cat(inputs)[:count]
+        old = model.method_state.get(f"memory_inputs_{l}")
+        model.method_state[f"memory_inputs_{l}"] = new if old is None else torch.cat([old, new])
     labels = torch.full((len(new),), task, dtype=torch.long, device=new.device)
     old = model.method_state.get("memory_tasks")
     model.method_state["memory_tasks"] = labels if old is None else torch.cat([old, labels])
