@@ -70,11 +70,13 @@ def build_optimizer(learner: Learner, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(learner.method.param_groups(learner.model, trainable_parameters(learner), lr))
 
 
-def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> list[dict[str, float]]:
+def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3,
+                max_grad_norm: float | None = None) -> list[dict[str, float]]:
     """A plain single-process loop (see `build_optimizer`); returns every step's logs
     (`Learner` logs: "loss" and each loss term).
 
-    The method's `after_step` runs after every optimizer step."""
+    `max_grad_norm` clips the global gradient norm as the pipeline's DeepSpeed engine does
+    (`gradient_clipping`). The method's `after_step` runs after every optimizer step."""
     optimizer = build_optimizer(learner, lr)
     learner.train()
     logs = []
@@ -82,6 +84,8 @@ def train_steps(learner: Learner, batches: Iterable[dict], lr: float = 1e-3) -> 
         loss, log = learner(batch)
         optimizer.zero_grad()
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(learner), max_grad_norm)
         optimizer.step()
         learner.method.after_step(learner.model)
         logs.append(log)

@@ -319,18 +319,3 @@ def test_the_benchmark_runs_a_tiny_sequence_through_the_pipeline_and_does_not_ru
     cl_quality.main(argv)
     assert "seq_lora smoke seed 0: finished earlier" in capsys.readouterr().out
 
-
-def test_the_shared_expert_sweep_pairs_each_variant_with_lr1_over_the_seeds_both_have():
-    from benchmarks import moe_cl_shared
-
-    def row(variant: str, seed: int, forgotten: int) -> dict:
-        correct = run_correctness([[0.8], [0.8, 0.8]], 200, seed=seed)
-        correct[1][0][np.flatnonzero(correct[1][0] == 1)[:forgotten]] = 0
-        return {"sequence": "s", "variant": variant, "seed": seed, "correct": [[c.tolist() for c in st] for st in correct]}
-
-    # the anchor forgets 40 fewer of task 0's 200 examples at both seeds; lr1 has no seed 2
-    rows = [row("lr1", 0, 60), row("lr1", 1, 60), row("fisher1", 0, 20), row("fisher1", 1, 20), row("fisher1", 2, 0)]
-    bwt = moe_cl_shared.compare(rows)["s/fisher1-lr1"]["BwT"]
-    assert bwt["seeds"] == [0, 1]
-    assert bwt["difference"] == pytest.approx(20.0)  # 40 of 200 examples on the one earlier task
-    assert bwt["verdict"] == "better" and bwt["ci95"][0] > 0

@@ -1,0 +1,257 @@
+"""Any method on a benchmark sequence in one process: the pipeline's data preparation, training
+step and evaluation without Ray, DeepSpeed and MLflow around them (they add minutes per run and
+change no number that a selection reads).
+
+    python -m benchmarks.in_process --out benchmarks/results/X.json --label NAME --method M
+        [--params '{"k": v}'] [--sequences order1,multiemo] [--seeds 0,1]
+        [--steps 16] [--test-examples 100] [--validation-examples 100] [--lock /tmp/clpipe-heavy.lock]
+
+A run is `cl_quality`'s run config (same budget, seed, task data, prompt) with the method and
+params given. Per task: the stage's seed, `plan_task` where the method plans, `setup_task`, the
+method's training examples in the Ray Train worker's micro-batch schedule (`micro_batches`), AdamW
+in the method's parameter groups with DeepSpeed's gradient clipping (1.0), `after_task` over the
+task's training rows in order as the bank stage reads them; then every task so far is evaluated
+on its validation slice and its test split, in each task-id mode the pipeline would use.
+
+Validation: rows of the task's train file that are never trained on (beyond max_train_examples,
+`pipelines.data.tasks.split_calibration`), at most `--validation-examples` of them. Choices read
+validation only; test figures are reported. Each finished run goes to the results file at once
+(atomically) and is skipped when the command runs again; `--lock` holds a file lock per run, so
+that other heavy jobs on the machine get in between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from cl_core.atomic import atomic_write_text
+from cl_core.base_model import load_tokenizer
+from cl_core.metrics import average_accuracy, backward_transfer
+from cl_core.precision import base_settings, resolve_precision
+from cl_core.training import Learner, evaluate_task, plan_task, task_loss_fn, train_steps
+from pipelines.assembly import build_stage, materialize_base_model
+from pipelines.config import RunConfig, parse_config
+from pipelines.data.tasks import load_prepared, prepare_task
+from pipelines.run.stages import eval_modes
+from pipelines.run.worker import micro_batches
+from benchmarks import cl_quality
+from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget
+from benchmarks.cl_stats import encode, verdict
+
+CACHE = REPO / "runs" / "in_process"
+# The prepared slice of train rows never trained on (issue 32 names it "validation").
+VALIDATION_SPLIT = "calibration"
+SPLITS = {"validation": VALIDATION_SPLIT, "test": "test"}
+MAX_GRAD_NORM = 1.0  # DeepSpeed's gradient_clipping in the pipeline's engine config
+
+
+def run_config(method: str, params: dict, sequence: str, seed: int, budget: Budget, data: Path = DEFAULT_DATA,
+               validation_examples: int = 100, tasks: list[str] | None = None) -> RunConfig:
+    """The continual-learning benchmark's run of `method` with `params` at `seed`."""
+    if tasks is None and sequence not in SEQUENCES:
+        raise SystemExit(f"sequence {sequence!r}: expected one of {sorted(SEQUENCES)} (or give its tasks)")
+    order = SEQUENCES[sequence] if tasks is None else tasks
+    cfg = cl_quality.run_config(method, sequence, order, seed, data, budget)
+    cfg["method"] = {"name": method, "params": params}
+    cfg["eval"]["calibration_examples"] = validation_examples
+    return parse_config(cfg, f"in_process/{method}/{sequence}/s{seed}")
+
+
+def ordered_batches(objective, examples: list[dict], size: int):
+    """The task's rows in order, in batches: what the bank stage gives `after_task`."""
+    return lambda: (objective.collate(examples[s:s + size]) for s in range(0, len(examples), size))
+
+
+def train_task(stage, cfg: RunConfig, task: int, paths: list[str]) -> None:
+    """One task as the plan, train and bank stages do it, on the live model."""
+    model, objective, method = stage.model, stage.objective, stage.method
+    current = load_prepared(paths[task], "train")
+    if method.plans_tasks:
+        extras = set(model.extras)
+        model.eval()
+        torch.manual_seed(cfg.training.seed * 1000 + task)
+        plan_task(model, objective, method, task, ordered_batches(objective, current, cfg.training.batch_size))
+        for name in set(model.extras) - extras:  # the plan stage keeps no probe head
+            del model.extras[name]
+            del model.extra_specs[name]
+    torch.manual_seed(cfg.training.seed * 1000 + task)
+    method.setup_task(model, task)
+    objective.setup_task(model, task)
+    earlier = [load_prepared(p, "train") for p in paths[:task]] if method.uses_earlier_examples else []
+    examples = method.training_examples(task, current, earlier, cfg.training.seed)
+    schedule = micro_batches(len(examples), cfg, task, 0, 1, n_task=len(current))
+    train_steps(Learner(model, objective, method), (objective.collate([examples[i] for i in chunk]) for chunk in schedule),
+                lr=cfg.training.lr, max_grad_norm=MAX_GRAD_NORM)
+    model.eval()
+    method.after_task(model, task, ordered_batches(objective, current, cfg.training.batch_size),
+                      task_loss_fn(model, objective, method))
+
+
+def matrix(correct: list[list[list[int]]]) -> np.ndarray:
+    """Accuracy matrix in points from correct[i][j] (j ≤ i); NaN above the diagonal."""
+    n = len(correct)
+    return np.array([[100 * np.mean(correct[i][j]) if j <= i else np.nan for j in range(n)] for i in range(n)])
+
+
+def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, data: Path = DEFAULT_DATA,
+        cache: Path = CACHE, validation_examples: int = 100, tasks: list[str] | None = None) -> dict:
+    """One run: per split ("validation", "test") and task-id mode, the accuracy matrix R (points),
+    AA, BwT and the per-example correctness after task i on task j (`cl_stats.encode`d)."""
+    cfg = run_config(method, params, sequence, seed, budget, data, validation_examples, tasks)
+    if cfg.training.grad_accum != 1:
+        raise ValueError("training.grad_accum: the in-process loop steps after every micro batch (1)")
+    cpu = torch.device("cpu")
+    precision = resolve_precision(cfg.training.precision, cpu)
+    base = materialize_base_model(cfg, cache / "models").model_copy(update=base_settings(precision, cpu))
+    tokenizer = load_tokenizer(base)
+    summaries = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
+                              cache / "data", cfg.eval.calibration_examples) for i, t in enumerate(cfg.tasks)]
+    paths = [s["path"] for s in summaries]
+    stage = build_stage(cfg, base)
+    modes = eval_modes(cfg, stage.method)
+    start = time.perf_counter()
+    correct = {split: {mode: [] for mode in modes} for split in SPLITS}
+    for task in range(len(paths)):
+        train_task(stage, cfg, task, paths)
+        for split, prepared in SPLITS.items():
+            for mode in modes:
+                correct[split][mode].append([
+                    evaluate_task(stage.model, stage.objective, stage.method, load_prepared(p, prepared),
+                                  cfg.eval.batch_size, mode)["correct"] for p in paths[:task + 1]])
+    out = {"method": method, "params": params, "sequence": sequence, "order": [t.name for t in cfg.tasks],
+           "seed": seed, "precision": precision, "wall_s": round(time.perf_counter() - start, 1),
+           "n": {split: [summary["splits"][prepared]["rows"] for summary in summaries]
+                 for split, prepared in SPLITS.items()}}
+    for split in SPLITS:
+        out[split] = {}
+        for mode in modes:
+            R = matrix(correct[split][mode])
+            out[split][mode] = {"AA": average_accuracy(R), "BwT": backward_transfer(R), "R": np.round(R, 2).tolist(),
+                                "correct": encode(correct[split][mode])}
+    return out
+
+
+class Results:
+    """A results file of in-process runs: rows by (label, sequence, seed), one budget per file."""
+
+    def __init__(self, path: Path, budget: Budget, validation_examples: int):
+        self.path = path
+        self.header = {"budget": asdict(budget), "validation_examples": validation_examples}
+        self.rows: list[dict] = []
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if {k: saved.get(k) for k in self.header} != self.header:
+                raise SystemExit(f"{path} was made with {({k: saved.get(k) for k in self.header})}, not "
+                                 f"{self.header}: give the same budget to continue it, or another --out")
+            self.rows = saved["runs"]
+
+    def finished(self, label: str, sequence: str, seed: int) -> dict | None:
+        return next((r for r in self.rows if (r["label"], r["sequence"], r["seed"]) == (label, sequence, seed)), None)
+
+    def check_label(self, label: str, method: str, params: dict) -> None:
+        """A label names one (method, params) in a file: its rows pool over seeds."""
+        for r in self.rows:
+            if r["label"] == label and (r["method"], r["params"]) != (method, params):
+                raise SystemExit(f"{self.path}: label {label!r} ran {r['method']} {r['params']}, not {method} {params}")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        atomic_write_text(self.path, json.dumps({**self.header, "runs": self.rows}))
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean over seeds (df = seeds − 1); None below two seeds."""
+    if len(values) < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
+    return mean - half, mean + half
+
+
+def paired(rows_a: list[dict], rows_b: list[dict], measure: str, split: str = "validation",
+           mode: str = "oracle") -> dict | None:
+    """a − b of `measure` ("AA", "BwT") on one sequence, seed by seed over the seeds both have:
+    each seed's difference, their mean, its 95% t-interval and the verdict; None without a
+    common seed. Same seed, same validation and test rows: the pairs share their examples."""
+    a = {r["seed"]: r[split][mode][measure] for r in rows_a}
+    b = {r["seed"]: r[split][mode][measure] for r in rows_b}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    differences = [a[s] - b[s] for s in seeds]
+    interval = t_interval(differences)
+    return {"seeds": seeds, "per_seed": [round(d, 2) for d in differences], "difference": float(np.mean(differences)),
+            "ci95": None if interval is None else [round(v, 2) for v in interval],
+            "verdict": "one seed: not decided" if interval is None else verdict(*interval)}
+
+
+@contextlib.contextmanager
+def held(lock: Path | None):
+    """The machine-wide lock for heavy jobs, held for one run (None: no lock)."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_missing(results: Results, label: str, method: str, params: dict, sequences: list[str], seeds: list[int],
+                budget: Budget, lock: Path | None = None, **kwargs) -> list[dict]:
+    """Every (sequence, seed) of `label` that the results file lacks, one at a time; each row is
+    written as it finishes. Returns the rows, finished earlier or now."""
+    results.check_label(label, method, params)
+    rows = []
+    for seed in seeds:
+        for sequence in sequences:
+            row = results.finished(label, sequence, seed)
+            if row is None:
+                with held(lock):
+                    row = {"label": label, **run(method, params, sequence, seed, budget,
+                                                 validation_examples=results.header["validation_examples"], **kwargs)}
+                results.add(row)
+                val, test = row["validation"]["oracle"], row["test"]["oracle"]
+                print(f"{label} {sequence} seed {seed}: validation AA {val['AA']:.1f} BwT {val['BwT']:+.1f}; "
+                      f"test AA {test['AA']:.1f} BwT {test['BwT']:+.1f} ({row['wall_s']:.0f} s)", flush=True)
+            rows.append(row)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--params", default="{}", type=json.loads)
+    parser.add_argument("--sequences", default="order1,multiemo")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--test-examples", type=int, default=100)
+    parser.add_argument("--validation-examples", type=int, default=100)
+    parser.add_argument("--lock", type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    budget = Budget(steps_per_task=args.steps, test_examples=args.test_examples)
+    results = Results(args.out, budget, args.validation_examples)
+    run_missing(results, args.label, args.method, args.params, args.sequences.split(","),
+                [int(s) for s in args.seeds.split(",")], budget, args.lock)
+
+
+if __name__ == "__main__":
+    main()

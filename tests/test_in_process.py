@@ -1,0 +1,109 @@
+"""The in-process runner: the pipeline's stages on a tiny model, validation apart from training
+and test, finished runs kept and skipped."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import in_process
+from benchmarks.cl_quality import Budget
+from benchmarks.cl_stats import decode
+from cl_core.synthetic import synthetic_rows
+from pipelines.data.tasks import load_prepared
+
+BUDGET = Budget(model="tiny", steps_per_task=2, test_examples=12, max_length=32, lr=0.01)
+TASKS = {"syn_a": ["w1", "w2"], "syn_b": ["w3", "w4", "w5"]}
+
+
+@pytest.fixture
+def data(tmp_path):
+    for t, (name, labels) in enumerate(TASKS.items()):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for split, n, seed in (("train", 40, 0), ("test", 30, 1)):
+            lines = "".join(json.dumps(r) + "\n" for r in synthetic_rows(t, labels, n, seed))
+            (tmp_path / "data" / name / f"{split}.jsonl").write_text(lines)
+    return tmp_path / "data"
+
+
+def _run(data, tmp_path, method="moe_cl", params=None, seed=0):
+    return in_process.run(method, params or {}, "smoke", seed, BUDGET, data=data, cache=tmp_path / "cache",
+                          validation_examples=10, tasks=list(TASKS))
+
+
+def test_a_run_scores_validation_rows_never_trained_on_and_test_rows_apart(data, tmp_path):
+    row = _run(data, tmp_path)
+    # 16 rows trained on (2 steps of 8); the validation slice is 10 of the 24 rows beyond them
+    assert row["n"] == {"validation": [10, 10], "test": [12, 12]}
+    prepared = sorted((tmp_path / "cache" / "data").glob("*/summary.json"))
+    for summary in prepared:
+        folder = summary.parent
+        train = {tuple(r["prompt_ids"]) for r in load_prepared(str(folder), "train")}
+        validation = {tuple(r["prompt_ids"]) for r in load_prepared(str(folder), in_process.VALIDATION_SPLIT)}
+        assert len(train) == 16 and len(validation) == 10 and not train & validation
+    for split in ("validation", "test"):
+        result = row[split]["oracle"]
+        correct = decode(result["correct"])
+        assert [len(stage) for stage in correct] == [1, 2]
+        final = [100 * np.mean(cell) for cell in correct[-1]]
+        assert result["AA"] == pytest.approx(np.mean(final))
+        assert result["BwT"] == pytest.approx(final[0] - 100 * np.mean(correct[0][0]))
+    assert "inferred" not in row["test"]  # MoE-CL needs the task id
+
+
+def test_the_same_run_twice_gives_the_same_figures(data, tmp_path):
+    a, b = _run(data, tmp_path), _run(data, tmp_path)
+    assert json.dumps([a["validation"], a["test"]]) == json.dumps([b["validation"], b["test"]])  # NaN too
+
+
+def test_finished_runs_are_kept_and_skipped_and_a_label_names_one_method(data, tmp_path, monkeypatch):
+    results = in_process.Results(tmp_path / "r.json", BUDGET, 10)
+    calls = []
+
+    def fake_run(method, params, sequence, seed, budget, **kwargs):
+        calls.append((sequence, seed))
+        scores = {"oracle": {"AA": 50.0 + seed, "BwT": 0.0}}
+        return {"method": method, "params": params, "sequence": sequence, "seed": seed, "wall_s": 1.0,
+                "validation": scores, "test": scores}
+
+    monkeypatch.setattr(in_process, "run", fake_run)
+    in_process.run_missing(results, "a", "moe_cl", {"adv_weight": 0.0}, ["order1"], [0], BUDGET)
+    again = in_process.Results(tmp_path / "r.json", BUDGET, 10)
+    rows = in_process.run_missing(again, "a", "moe_cl", {"adv_weight": 0.0}, ["order1"], [0, 1], BUDGET)
+    assert calls == [("order1", 0), ("order1", 1)] and [r["seed"] for r in rows] == [0, 1]
+    with pytest.raises(SystemExit, match="label 'a' ran moe_cl"):
+        in_process.run_missing(again, "a", "moe_cl", {}, ["order1"], [0], BUDGET)
+    with pytest.raises(SystemExit, match="was made with"):
+        in_process.Results(tmp_path / "r.json", BUDGET, 20)
+
+
+def test_a_paired_difference_gets_a_t_interval_over_the_seeds_both_have():
+    def rows(values):
+        return [{"seed": s, "validation": {"oracle": {"AA": v}}} for s, v in enumerate(values)]
+
+    # differences 1, 3, 2 at seeds 0-2; b has no seed 3
+    out = in_process.paired(rows([61.0, 63.0, 62.0, 99.0]), rows([60.0, 60.0, 60.0]), "AA")
+    assert out["seeds"] == [0, 1, 2] and out["per_seed"] == [1.0, 3.0, 2.0] and out["difference"] == 2.0
+    # mean 2, sd 1, t(0.975, 2) = 4.303: 2 ± 4.303/√3
+    assert out["ci95"] == [pytest.approx(2 - 2.484, abs=0.01), pytest.approx(2 + 2.484, abs=0.01)]
+    assert out["verdict"] == "not distinguishable"
+    wide_apart = in_process.paired(rows([70.0, 71.0, 72.0]), rows([60.0, 60.5, 61.5]), "AA")
+    assert wide_apart["verdict"] == "better" and wide_apart["ci95"][0] > 0
+    assert in_process.paired(rows([61.0]), rows([60.0]), "AA")["ci95"] is None
+
+
+def test_the_selection_summary_pairs_each_variant_with_the_references_on_both_splits():
+    from benchmarks import moe_cl_shared
+
+    def row(label, seed, val_bwt, test_bwt):
+        return {"label": label, "sequence": "s", "seed": seed,
+                "validation": {"oracle": {"AA": 60.0, "BwT": val_bwt}}, "test": {"oracle": {"AA": 60.0, "BwT": test_bwt}}}
+
+    rows = [row("seq_lora", 0, -10.0, -9.0), row("seq_lora", 1, -12.0, -8.0),
+            row("free", 0, -8.0, -9.0), row("free", 1, -6.0, -8.0), row("mine", 0, -1.0, -2.0)]
+    out = moe_cl_shared.summary(rows)
+    assert out["s/free"]["validation"]["BwT"] == [-8.0, -6.0] and out["s/free"]["seeds"] == [0, 1]
+    assert out["s/free"]["vs_seq_lora"]["validation"]["BwT"]["per_seed"] == [2.0, 6.0]
+    assert out["s/free"]["vs_seq_lora"]["test"]["BwT"]["per_seed"] == [0.0, 0.0]
+    assert out["s/mine"]["vs_free"]["validation"]["BwT"]["seeds"] == [0]
+    assert "vs_free" not in out["s/free"] and "vs_seq_lora" not in out["s/seq_lora"]
