@@ -35,6 +35,7 @@ import torch
 from scipy import stats
 
 from cl_core.atomic import atomic_write_text
+from cl_core.bank import growth_by_owner
 from cl_core.base_model import load_tokenizer
 from cl_core.metrics import average_accuracy, backward_transfer
 from cl_core.precision import base_settings, resolve_precision
@@ -131,7 +132,10 @@ def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, dat
     out = {"method": method, "params": params, "sequence": sequence, "order": [t.name for t in cfg.tasks],
            "seed": seed, "precision": precision, "wall_s": round(time.perf_counter() - start, 1),
            "n": {split: [summary["splits"][prepared]["rows"] for summary in summaries]
-                 for split, prepared in SPLITS.items()}}
+                 for split, prepared in SPLITS.items()},
+           # experts and parameters per owner ("shared", task index) in the final bank
+           "bank": growth_by_owner(stage.model.bank.structure(),
+                                   {k: list(v.shape) for k, v in stage.model.bank.state_dict().items()})}
     for split in SPLITS:
         out[split] = {}
         for mode in modes:
