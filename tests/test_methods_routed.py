@@ -76,6 +76,10 @@ TINY_SETA = {"shared_lr_scale": 1.0}
 
 @pytest.fixture(scope="module")
 def seta_task0():
+    return train_seta_task0()
+
+
+def train_seta_task0():
     """A learned-router model trained on task 0, its Fisher taken (shared by the SETA tests)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)

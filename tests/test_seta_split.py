@@ -3,6 +3,7 @@ the split it decides, and what a split does to the bank and to training (cl_core
 
 import copy
 
+import pytest
 import torch
 
 from cl_core.bank import growth_by_owner
@@ -11,7 +12,18 @@ from cl_core.methods.seta import PREFIX, SHARE, SPLIT, shared_parameters
 from cl_core.objectives import LMObjective
 from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from tests.conftest import batches, synthetic_task, tiny_model
-from tests.test_methods_routed import _one_thread, TINY_SETA, _round_trip, seta_task0  # noqa: F401 (fixtures)
+from tests.test_methods_routed import (  # noqa: F401 (_one_thread: a fixture)
+    TINY_SETA,
+    _one_thread,
+    _round_trip,
+    train_seta_task0,
+)
+
+
+@pytest.fixture(scope="module")
+def seta_task0():
+    return train_seta_task0()
+
 
 # Between the shares measured below for a new task (0.49, 0.38) and for task 0's data again (0.61, 0.99).
 SPLIT_SHARE = 0.55
@@ -19,7 +31,7 @@ SPLIT_SHARE = 0.55
 
 def _second_task(seta_task0, which: str):
     """(objective, examples) of task 1: a new task, or task 0's task drawn again."""
-    model, objective, examples = seta_task0
+    _, objective, examples = seta_task0
     if which == "new":
         return objective, examples[1]
     _, tok = tiny_model("learned")

@@ -11,13 +11,14 @@ decide, e.g. MoE-CL anchoring its shared expert only on a task that brings new l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from cl_core.experts import RoutingContext
 from cl_core.continual_model import ContinualModel
+from cl_core.experts import RoutingContext
 
 
 class MethodParams(BaseModel):
@@ -31,7 +32,7 @@ class NoParams(MethodParams):
 
 
 class RegisteredMethod(NamedTuple):
-    method: type["Method"]
+    method: type[Method]
     params: type[MethodParams]
 
 

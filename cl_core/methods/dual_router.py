@@ -39,16 +39,16 @@ silently reset the experts to their task-start values).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, prompt_query
-from cl_core.continual_model import ContinualModel
 
 EMA = "dual.ema."
 STEPS = "dual.ema_steps"

@@ -9,9 +9,9 @@ LoRA. The one-output gates get no gradient and are frozen.
 
 from __future__ import annotations
 
+from cl_core.continual_model import ContinualModel
 from cl_core.methods import Method, register
 from cl_core.methods.common import add_task_lora
-from cl_core.continual_model import ContinualModel
 
 
 @register()

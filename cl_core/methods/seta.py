@@ -68,17 +68,22 @@ so they travel with the bank from stage to stage.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from pydantic import Field
 
-from cl_core.anchoring import anchor_penalty, empirical_fisher, store_loss_scaled_fisher, store_start
+from cl_core.anchoring import (
+    anchor_penalty,
+    empirical_fisher,
+    store_loss_scaled_fisher,
+    store_start,
+)
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import ExpertMeta, RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, prompt_mask, shared_param_groups
 from cl_core.objectives import at_last_token
-from cl_core.continual_model import ContinualModel
 
 PREFIX = "seta."
 TOKENS, GATES = PREFIX + "tokens.", PREFIX + "gates."
