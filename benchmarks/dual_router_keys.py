@@ -22,11 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks import in_process
 from benchmarks.cl_quality import Budget
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import load_tokenizer
+from cl_core.methods.common import prompt_query
 from cl_core.methods.dual_router import key_name
 from cl_core.objectives import collate_prompts
 from pipelines.assembly import build_stage, materialize_base_model
@@ -34,8 +36,10 @@ from pipelines.data.tasks import load_prepared, prepare_task
 from pipelines.run.worker import micro_batches
 
 
-def located(sequence: str, seed: int, planned: bool, budget: Budget, cache: Path = in_process.CACHE) -> list[list[float]]:
-    """shares[i][j]: the share of task j's validation prompts the keys place in task j after task i."""
+def located(sequence: str, seed: int, planned: bool, budget: Budget, cache: Path = in_process.CACHE) -> dict:
+    """"located"[i][j]: the share of task j's validation prompts the keys place in task j after
+    task i; "query_cos": cosines between the tasks' mean training queries; "key_cos": each key's
+    cosine with its task's mean training query after training."""
     cfg = in_process.run_config("dual_router", {}, sequence, seed, budget)
     base = materialize_base_model(cfg, cache / "models")
     tokenizer = load_tokenizer(base)
@@ -43,9 +47,11 @@ def located(sequence: str, seed: int, planned: bool, budget: Budget, cache: Path
                           cache / "data", cfg.eval.calibration_examples)["path"] for i, t in enumerate(cfg.tasks)]
     stage = build_stage(cfg, base)
     model, objective, method = stage.model, stage.objective, stage.method
-    shares = []
+    shares, means, key_cos = [], [], []
     for task, path in enumerate(paths):
         train = load_prepared(path, "train")
+        means.append(torch.cat([prompt_query(model, batch) for batch in
+                                in_process.ordered_batches(objective, train, cfg.training.batch_size)()]).mean(0))
         torch.manual_seed(cfg.training.seed * 1000 + task)
         if planned:
             method.plan_task(model, task, in_process.ordered_batches(objective, train, cfg.training.batch_size), None)
@@ -57,11 +63,13 @@ def located(sequence: str, seed: int, planned: bool, budget: Budget, cache: Path
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        key_cos.append(round(float(F.cosine_similarity(key[0].detach(), means[-1], dim=0)), 3))
         shares.append([])
         for earlier, earlier_path in enumerate(paths[:task + 1]):
             batch = collate_prompts(load_prepared(earlier_path, in_process.VALIDATION_SPLIT), objective.pad_id)
             shares[-1].append(round(float((method.infer_task_ids(model, batch) == earlier).float().mean()), 3))
-    return shares
+    unit = F.normalize(torch.stack(means), dim=-1)
+    return {"located": shares, "query_cos": (unit @ unit.T).round(decimals=3).tolist(), "key_cos": key_cos}
 
 
 def main(argv=None) -> None:
@@ -75,9 +83,10 @@ def main(argv=None) -> None:
     for sequence in args.sequences.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             for planned in (False, True):
-                shares = located(sequence, seed, planned, budget)
-                rows.append({"sequence": sequence, "seed": seed, "start": "planned" if planned else "random",
-                             "located": shares, "final_mean": round(sum(shares[-1]) / len(shares[-1]), 3)})
+                out = located(sequence, seed, planned, budget)
+                final = out["located"][-1]
+                rows.append({"sequence": sequence, "seed": seed, "start": "planned" if planned else "random", **out,
+                             "final_mean": round(sum(final) / len(final), 3)})
                 print(json.dumps(rows[-1]), flush=True)
     atomic_write_text(args.out, json.dumps({"budget": asdict(budget), "rows": rows}, indent=1))
 
