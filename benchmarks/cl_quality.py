@@ -42,7 +42,7 @@ import numpy as np
 from benchmarks.cl_report import readme_around_report, write_report
 from benchmarks.cl_stats import aggregate, encode, run_key
 from cl_core.atomic import atomic_write_text
-from cl_core.bank import load_bank
+from cl_core.bank import growth_by_owner, load_bank
 from cl_core.methods import METHODS
 
 SEQUENCES = {
@@ -138,11 +138,13 @@ def correctness(run_dir: Path, tasks: int, mode: str = "oracle") -> list[list[li
     return [rows[i][mode]["correct"][:i + 1] for i in range(tasks)]
 
 
-def bank_size(run_dir: Path, tasks: int) -> int:
-    """Parameters in the final bank (experts, routers, method modules; not method buffers)."""
-    bank_dir = next((run_dir / "banks").glob(f"task{tasks - 1}-*"))
-    manifest, _ = load_bank(bank_dir)
-    return int(sum(np.prod(shape) for key, shape in manifest["shapes"].items() if not key.startswith("state.")))
+def bank_size(run_dir: Path, tasks: int) -> dict:
+    """The final bank's parameters (experts, routers, method modules; not method buffers), and its
+    experts and their parameters per owner ("shared", or the task index: how the bank grew)."""
+    manifest, _ = load_bank(next((run_dir / "banks").glob(f"task{tasks - 1}-*")))
+    return {"trainable_params": int(sum(np.prod(shape) for key, shape in manifest["shapes"].items()
+                                        if not key.startswith("state."))),
+            "bank_growth": growth_by_owner(manifest["structure"]["bank"], manifest["shapes"])}
 
 
 def run_one(label: str, sequence: str, tasks: list[str], seed: int, data: Path, budget: Budget,
@@ -166,7 +168,7 @@ def run_one(label: str, sequence: str, tasks: list[str], seed: int, data: Path, 
         "task_agnostic_BwT": inferred["BwT"] if inferred else None,
         "steps_per_task": getattr(result, "steps_per_task", None),
         "n_test": [len(cell) for cell in examples["oracle"][-1]],
-        "trainable_params": bank_size(result.run_dir, len(tasks)),
+        **bank_size(result.run_dir, len(tasks)),
         "wall_s": round(result.busy_s, 1),
         "oracle": METHODS[method_of(label)[0]].method.oracle,
     }

@@ -36,6 +36,7 @@ import torch
 from scipy import stats
 
 from cl_core.atomic import atomic_write_text
+from cl_core.bank import growth_by_owner
 from cl_core.base_model import load_tokenizer
 from cl_core.methods import build_method, method_params
 from cl_core.metrics import average_accuracy, backward_transfer
@@ -148,7 +149,11 @@ def run(method: str, params: dict, sequence: str, seed: int, budget: Budget, dat
     out = {"method": method, "params": params, "sequence": sequence, "order": [t.name for t in cfg.tasks],
            "seed": seed, "precision": precision, "wall_s": round(time.perf_counter() - start, 1),
            "n": {split: [summary["splits"][prepared]["rows"] for summary in summaries]
-                 for split, prepared in SPLITS.items()}, **scores(correct[None])}
+                 for split, prepared in SPLITS.items()},
+           # experts and parameters per owner ("shared", task index) in the final bank
+           "bank": growth_by_owner(stage.model.bank.structure(),
+                                   {k: list(v.shape) for k, v in stage.model.bank.state_dict().items()}),
+           **scores(correct[None])}
     if inference:
         out["inference"] = {name: {"params": inference[name], **scores(correct[name])} for name in inference}
     return out

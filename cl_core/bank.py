@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -153,6 +154,24 @@ class ExpertBank:
 
 
 # -- files -------------------------------------------------------------------------------------
+def growth_by_owner(structure: dict, shapes: dict[str, list[int]]) -> dict[str, dict[str, int]]:
+    """How the bank grew: per owner ("shared", or the task index as a string), the experts it holds
+    (an expert present in k layers counts k times) and their parameters: LoRA factors, and a
+    learned router's row of each (other routers' gates are not counted). From a bank's
+    `structure()` and its tensors' shapes (a manifest's "shapes", or a live state dict's)."""
+    out: dict[str, dict[str, int]] = {}
+    for i, metas in enumerate(structure["layers"]):
+        for e, meta in enumerate(metas):
+            owner = "shared" if meta["kind"] == "shared" else str(meta["task"])
+            prefixes = (f"layers.{i}.experts.{e}.", f"layers.{i}.router.rows.{e}")
+            params = sum(math.prod(shape) for key, shape in shapes.items()
+                         if key.startswith(prefixes[0]) or key == prefixes[1])
+            entry = out.setdefault(owner, {"experts": 0, "params": 0})
+            entry["experts"] += 1
+            entry["params"] += int(params)
+    return out
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,7 +14,7 @@ from pipelines.config import parse_config
 from pipelines.run.ledger import Ledger, StageKey
 
 ROW_KEYS = {"method", "sequence", "order", "seed", "AA", "BwT", "FwT", "forgetting", "learning_gain", "strip_rate",
-            "task_agnostic_AA", "task_agnostic_BwT", "steps_per_task", "n_test", "trainable_params", "wall_s", "oracle"}
+            "task_agnostic_AA", "task_agnostic_BwT", "steps_per_task", "n_test", "trainable_params", "bank_growth", "wall_s", "oracle"}
 DRAWS = 400
 
 
@@ -209,7 +209,7 @@ def test_run_one_writes_the_row_schema_from_a_pipeline_result(tmp_path, monkeypa
             return result
 
     monkeypatch.setattr("pipelines.run.driver.Driver", FakeDriver)
-    monkeypatch.setattr(cl_quality, "bank_size", lambda run_dir, n: 1234)
+    monkeypatch.setattr(cl_quality, "bank_size", lambda run_dir, n: {"trainable_params": 1234, "bank_growth": {}})
     row, examples = cl_quality.run_one("seq_lora", "mine", tasks, 3, tmp_path / "data", Budget(model="tiny"), tmp_path)
     assert set(row) == ROW_KEYS
     assert row["learning_gain"] is None and row["steps_per_task"] is None  # before the pipeline reports them

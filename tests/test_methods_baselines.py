@@ -311,6 +311,47 @@ def test_registered_with_oracle_and_routable_flags():
             build_method(name, **bad)
 
 
+def test_register_refuses_a_name_taken_by_another_class():
+    from cl_core.methods import register
+    from cl_core.methods.seq_lora import SeqLoRA
+
+    registered = dict(METHODS)
+
+    class Impostor(Method):
+        name = "seq_lora"
+
+    with pytest.raises(ValueError, match=r"'seq_lora' is registered twice: by cl_core\.methods\.seq_lora\.SeqLoRA "
+                                         r"and by tests\.test_methods_baselines\..*Impostor"):
+        register()(Impostor)
+
+    class Nameless(SeqLoRA):  # inherits seq_lora's name: would have replaced it silently
+        pass
+
+    with pytest.raises(ValueError, match="Nameless sets no `name` of its own"):
+        register()(Nameless)
+    assert METHODS == registered
+    assert register()(SeqLoRA) is SeqLoRA and METHODS == registered  # the same class again: no change
+
+
+def test_method_files_import_no_other_method_file():
+    """Methods share code through cl_core.methods (Method, register) and cl_core.methods.common only."""
+    import ast
+    from pathlib import Path
+
+    import cl_core.methods as package
+
+    allowed = {"cl_core.methods", "cl_core.methods.common"}
+    offenders = {}
+    for path in Path(package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        wrong = {m for m in imported if m.startswith("cl_core.methods") and m not in allowed}
+        if wrong:
+            offenders[path.name] = sorted(wrong)
+    assert offenders == {}
+
+
 def test_setup_task_is_idempotent_and_freezes_earlier_tasks():
     for name in BASELINES:
         method = build_method(name, **PARAMS[name])

@@ -11,13 +11,14 @@ decide, e.g. MoE-CL anchoring its shared expert only on a task that brings new l
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from cl_core.experts import RoutingContext
 from cl_core.continual_model import ContinualModel
+from cl_core.experts import RoutingContext
 
 
 class MethodParams(BaseModel):
@@ -31,7 +32,7 @@ class NoParams(MethodParams):
 
 
 class RegisteredMethod(NamedTuple):
-    method: type["Method"]
+    method: type[Method]
     params: type[MethodParams]
 
 
@@ -107,11 +108,24 @@ class Method:
 
 
 def register(params: type[MethodParams] = NoParams) -> Callable[[type[Method]], type[Method]]:
-    """`@register(MyParams)` above a Method subclass: the method and its parameters, by its name."""
+    """`@register(MyParams)` above a Method subclass: the method and its parameters, by its name.
+    A name already taken by another class is refused (a subclass that forgot its own `name`
+    would otherwise replace its parent silently)."""
     def add(cls: type[Method]) -> type[Method]:
-        METHODS[cls.name] = RegisteredMethod(cls, params)
+        name = cls.__dict__.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{_qualified(cls)} sets no `name` of its own; a registered method needs one")
+        taken = METHODS.get(name)
+        if taken is not None and taken.method is not cls:
+            raise ValueError(f"method name {name!r} is registered twice: by {_qualified(taken.method)} "
+                             f"and by {_qualified(cls)}; give one of them another name")
+        METHODS[name] = RegisteredMethod(cls, params)
         return cls
     return add
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def method_params(name: str, params: dict[str, Any]) -> MethodParams:

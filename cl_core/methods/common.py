@@ -1,4 +1,5 @@
-"""Helpers several methods share (a method file imports these, never another method's file)."""
+"""What several methods share: helpers and base classes. A method file imports these, never
+another method's file (a test checks it), so each method can change without moving another."""
 
 from __future__ import annotations
 
@@ -6,6 +7,70 @@ import torch
 
 from cl_core.continual_model import ContinualModel
 from cl_core.experts import ExpertMeta
+from cl_core.methods import Method
+
+SHARED = "shared"
+
+
+def add_shared_lora(model: ContinualModel) -> None:
+    """The single shared LoRA (added once, kept by later stages), trainable; router frozen."""
+    if SHARED not in model.bank.expert_names():
+        model.bank.add_expert(ExpertMeta(name=SHARED, kind="shared"))
+    model.bank.set_trainable(True, name=SHARED)
+    for layer in model.bank.layers:
+        # One expert: softmax over one logit is 1 whatever the gate vector; nothing to learn.
+        layer.router.requires_grad_(False)
+
+
+class SharedLoRAMethod(Method):
+    """One LoRA carried across every task (sequential LoRA and the methods built on it: EWC,
+    replay, multi-task learning).
+
+    The bank holds a single "shared" expert in a `learned`-router bank. With one expert the
+    router's softmax is identically 1 (its gate vectors get no gradient and are frozen), so every
+    layer computes exactly
+
+        FFN with W + s·B·A on gate_proj, up_proj and down_proj,   s = alpha / r,
+
+    which *is* a peft LoRA on those three projections: A kaiming-uniform(a=√5), B zero (peft's
+    default init), scaling alpha/r, dropout on the input of A. The bank implementation is used
+    rather than `peft.get_peft_model` so the bank files, routing and ZeRO handling stay the same
+    for every method.
+
+    Routing needs no task id: `routing_fields` passes none, and `infer_task_ids` returns -1
+    ("unknown, not needed") so that evaluation with `eval.task_id: inferred` runs.
+    """
+
+    router = "learned"
+    routable = True
+    oracle = False
+
+    def experts_per_layer(self, tasks: int) -> int:
+        return 1
+
+    def setup_task(self, model: ContinualModel, task: int) -> None:
+        add_shared_lora(model)
+
+    def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
+        return {}
+
+    def infer_task_ids(self, model: ContinualModel, batch: dict) -> torch.Tensor:
+        return torch.full_like(batch["input_ids"][:, 0], -1)
+
+
+def task_expert_name(task: int) -> str:
+    return f"task{task}"
+
+
+def add_task_lora(model: ContinualModel, task: int) -> None:
+    """Task `task`'s own LoRA (once); it alone trains: earlier experts and every router gate are
+    frozen (per-task LoRA, O-LoRA)."""
+    if task_expert_name(task) not in model.bank.expert_names():
+        model.bank.add_expert(ExpertMeta(name=task_expert_name(task), kind="task", task=task))
+    model.bank.set_trainable(False)
+    model.bank.set_trainable(True, task=task)
+    for layer in model.bank.layers:
+        layer.router.requires_grad_(False)
 
 
 def add_task_experts(model: ContinualModel, task: int, shared_experts: int, experts_per_task: int = 1) -> None:

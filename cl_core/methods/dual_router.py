@@ -13,6 +13,14 @@ Routing, two levels.
   over the keys of tasks 0..t (earlier keys frozen): the first term pulls k_t towards its task's
   queries (the only signal at task 0, where a softmax over one key is constant), the second
   pushes it away from the earlier keys.
+- Where a key starts. `plan_task(t)` (before `setup_task`, with the task's training data) stores
+  the mean query of task t's training examples ("dual.query_mean.<t>"), and `setup_task` starts
+  k_t there. Started at `nn.Linear`'s random init instead, a key is mostly that random direction
+  after a task's few optimizer steps (Adam moves each coordinate by about lr per step, and the
+  init's coordinates are ±1/√q), while the prompt queries of different tasks are nearly parallel
+  (they share most of their mean embedding), so the random remainder decided which key a query
+  matched and later keys took earlier tasks' queries (docs/methods.md, "Dual router"). Without
+  a plan (a caller that skips `plan_task`, the untrained baseline) a key keeps the random init.
 - Token level: the bank's `task` router, a learned softmax gate per task over
   {shared experts, the task's experts}.
 
@@ -31,17 +39,20 @@ silently reset the experts to their task-start values).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
 from cl_core.methods.common import add_task_experts, prompt_query
-from cl_core.continual_model import ContinualModel
 
 EMA = "dual.ema."
 STEPS = "dual.ema_steps"
+QUERY_MEAN = "dual.query_mean."
 
 
 def key_name(task: int) -> str:
@@ -62,12 +73,31 @@ class DualRouter(Method):
     router = "task"
     routable = True
     oracle = False
+    plans_tasks = True  # the task's mean query, where its key starts
 
     # -- structure ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan_task(self, model: ContinualModel, task: int, batches: Callable[[], Iterable[dict]],
+                  loss_fn: Callable[[dict], torch.Tensor]) -> None:
+        """The mean query of task `task`'s training examples, where `setup_task` starts its key."""
+        device = next(model.parameters()).device
+        total, n = None, 0
+        for batch in batches():
+            q = prompt_query(model, {k: v.to(device) for k, v in batch.items()}).double()
+            total = q.sum(0) if total is None else total + q.sum(0)
+            n += len(q)
+        if n == 0:
+            raise ValueError(f"dual_router: task {task} has no training batches to start its key from")
+        model.method_state[QUERY_MEAN + str(task)] = (total / n).float()
+
     def setup_task(self, model: ContinualModel, task: int) -> None:
         add_task_experts(model, task, self.params.shared_experts)
         if key_name(task) not in model.extras:
-            model.add_linear(key_name(task), model.hidden_size, 1, bias=False)
+            key = model.add_linear(key_name(task), model.hidden_size, 1, bias=False)
+            start = model.method_state.get(QUERY_MEAN + str(task))
+            if start is not None:
+                with torch.no_grad():
+                    key.weight[0].copy_(start.to(key.weight.device))
         model.bank.set_trainable(False)
         model.bank.set_trainable(True, kind="shared")
         model.bank.set_trainable(True, task=task)
@@ -145,6 +175,7 @@ class DualRouter(Method):
         for key, p, _ in tracked:
             p.copy_(model.method_state.pop(key).to(device=p.device, dtype=p.dtype))
         model.method_state.pop(STEPS, None)
+        model.method_state.pop(QUERY_MEAN + str(task), None)  # the key has started from it
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()

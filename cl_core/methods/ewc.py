@@ -19,10 +19,10 @@ import torch
 from pydantic import Field
 
 from cl_core.anchoring import anchor_penalty, empirical_fisher, store_fisher
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import RoutingContext
 from cl_core.methods import MethodParams, register
-from cl_core.methods.seq_lora import SeqLoRA
-from cl_core.continual_model import ContinualModel
+from cl_core.methods.common import SharedLoRAMethod
 
 PREFIX = "ewc."
 
@@ -33,7 +33,7 @@ class EWCParams(MethodParams):
 
 
 @register(EWCParams)
-class EWC(SeqLoRA):
+class EWC(SharedLoRAMethod):
     name = "ewc"
 
     def penalty(self, model: ContinualModel) -> torch.Tensor | None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 
 from cl_core.methods import register
-from cl_core.methods.seq_lora import SeqLoRA
+from cl_core.methods.common import SharedLoRAMethod
 
 
 @register()
-class MTL(SeqLoRA):
+class MTL(SharedLoRAMethod):
     name = "mtl"
     oracle = True
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective

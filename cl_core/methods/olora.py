@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from cl_core.continual_model import ContinualModel
 from cl_core.experts import RoutingContext
 from cl_core.methods import Method, MethodParams, register
-from cl_core.methods.per_task_lora import add_task_lora
-from cl_core.continual_model import ContinualModel
+from cl_core.methods.common import add_task_lora
 
 A_FACTORS = ("A_gate", "A_up", "A_down")
 

@@ -9,23 +9,9 @@ LoRA. The one-output gates get no gradient and are frozen.
 
 from __future__ import annotations
 
-from cl_core.experts import ExpertMeta
-from cl_core.methods import Method, register
 from cl_core.continual_model import ContinualModel
-
-
-def task_expert_name(task: int) -> str:
-    return f"task{task}"
-
-
-def add_task_lora(model: ContinualModel, task: int) -> None:
-    """Task `task`'s LoRA (once); it alone trains: earlier experts and every router gate are frozen."""
-    if task_expert_name(task) not in model.bank.expert_names():
-        model.bank.add_expert(ExpertMeta(name=task_expert_name(task), kind="task", task=task))
-    model.bank.set_trainable(False)
-    model.bank.set_trainable(True, task=task)
-    for layer in model.bank.layers:
-        layer.router.requires_grad_(False)
+from cl_core.methods import Method, register
+from cl_core.methods.common import add_task_lora
 
 
 @register()

@@ -21,7 +21,7 @@ import random
 from pydantic import Field
 
 from cl_core.methods import MethodParams, register
-from cl_core.methods.seq_lora import SeqLoRA
+from cl_core.methods.common import SharedLoRAMethod
 
 
 def replay_buffer(examples: list[dict], size: int, seed: int, task: int) -> list[dict]:
@@ -36,7 +36,7 @@ class ReplayParams(MethodParams):
 
 
 @register(ReplayParams)
-class Replay(SeqLoRA):
+class Replay(SharedLoRAMethod):
     name = "replay"
     mixes_tasks = True  # batches hold several tasks: needs the `lm` objective
     uses_earlier_examples = True
