@@ -14,7 +14,8 @@ Budget; the test examples default to 100 here to keep the sweep to minutes per r
 changes what it changes in the continual-learning benchmark: initialisation, training sample and
 order, and test sample. Differences against `lr1` (the shared expert free: at the experts' learning
 rate, no anchor) are paired over the seeds both have and the same test examples
-(`benchmarks.cl_stats.compare`: bootstrap over examples, and over seeds where there are several).
+(`pipelines.compare.stats.compare`: a t-interval over seeds where there are several, else a bootstrap over
+test examples).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from cl_core.metrics import average_accuracy, backward_transfer
 from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from pipelines.assembly import build_stage, materialize_base_model
+from pipelines.compare import stats as compare_stats
 from pipelines.config import parse_config
 from pipelines.data.tasks import load_prepared, prepare_task
-from benchmarks import cl_quality, cl_stats
+from benchmarks import cl_quality
 from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_cl_shared.json"
@@ -100,16 +102,16 @@ def run(sequence: str, variant: str, seed: int, budget: Budget, cache: Path) -> 
 def compare(rows: list[dict]) -> dict:
     """Each variant minus `lr1` on the same sequence, over the seeds both have: AA and BwT, the
     mean difference, its paired 95% interval and the verdict."""
-    stats: dict[tuple[str, str], dict[int, cl_stats.RunStats]] = {}
+    stats: dict[tuple[str, str], dict[int, compare_stats.RunStats]] = {}
     for row in rows:
         correct = [[np.array(c) for c in stage] for stage in row["correct"]]
-        stats.setdefault((row["sequence"], row["variant"]), {})[row["seed"]] = cl_stats.run_stats(correct, row["seed"])
+        stats.setdefault((row["sequence"], row["variant"]), {})[row["seed"]] = compare_stats.run_stats(correct, row["seed"])
     out = {}
     for (sequence, variant), runs in stats.items():
         ref = stats.get((sequence, "lr1"))
         if ref is None or variant == "lr1":
             continue
-        pairs = {name: cl_stats.compare(runs, ref, name) for name in ("AA", "BwT")}
+        pairs = {name: compare_stats.compare(runs, ref, name) for name in ("AA", "BwT")}
         if None not in pairs.values():
             out[f"{sequence}/{variant}-lr1"] = {
                 name: {**p, "difference": round(p["difference"], 1), "ci95": [round(v, 1) for v in p["ci95"]]}

@@ -16,8 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, correctness, run_config
+from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, run_config
 from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
+from pipelines.compare.outputs import correctness
 
 PRECISIONS = ("fp32", "bf16-mixed")
 
