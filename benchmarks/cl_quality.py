@@ -41,7 +41,7 @@ import numpy as np
 
 from cl_core.methods import METHODS
 from pipelines.compare.cost import evaluated_examples, scaled_wall
-from pipelines.compare.docs import write_benchmarks_doc
+from pipelines.compare.docs import after_writing
 from pipelines.compare.outputs import run_row
 from pipelines.compare.plan import Plan, planned_runs, run_benchmark
 from pipelines.compare.report import write_report
@@ -191,8 +191,7 @@ def open_results(out: Path, budget: Budget) -> Results:
     when `out` is this repository's results folder)."""
     def report(rows: list[dict], summary: dict) -> None:
         write_report(out, asdict(budget), rows, summary)
-        if out.resolve() == RESULTS.resolve():
-            write_benchmarks_doc(REPO)
+        after_writing(out / "cl_quality.json", REPO)
 
     return Results(out, asdict(budget), pooled=POOLED, report=report)
 

@@ -36,6 +36,7 @@ from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import Learner, evaluate_task, task_loss_fn, train_steps
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.compare import stats as compare_stats
+from pipelines.compare.docs import after_writing
 from pipelines.config import parse_config
 from pipelines.data.tasks import load_prepared, prepare_task
 from benchmarks import cl_quality
@@ -141,6 +142,7 @@ def main() -> None:
                       f"({row['wall_s']:.0f} s)", flush=True)
                 atomic_write_text(RESULTS, json.dumps({"steps_per_task": args.steps, "test_examples": args.test_examples,
                                                        "runs": done, "vs_lr1": compare(done)}, indent=1))
+                after_writing(RESULTS, REPO)
     print(json.dumps(compare(done), indent=1))
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cl_quality import DEFAULT_DATA, MODELS, RESULTS, SEQUENCES, Budget, run_config
+from benchmarks.cl_quality import DEFAULT_DATA, MODELS, REPO, RESULTS, SEQUENCES, Budget, run_config
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.objectives import encode_prompt
+from pipelines.compare.docs import after_writing
 from pipelines.config import RunConfig
 from pipelines.data.tasks import load_split, task_format
 
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     atomic_write_text(args.out, json.dumps({"prompt_lengths": {"sequence": args.sequence, "model": args.model,
                                                                "max_length": args.max_length, "tasks": lengths}},
                                            indent=1))
+    after_writing(args.out, REPO)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,13 @@ def write_benchmarks_doc(repo: Path) -> None:
     atomic_write_text(repo / DOC, benchmarks_doc(repo))
 
 
+def after_writing(results_file: Path, repo: Path) -> None:
+    """A benchmark wrote `results_file`: where it lies in the repository's results folder, the docs
+    page follows it (elsewhere, say a smoke run's folder, nothing changes)."""
+    if results_file.resolve().parent == (repo / RESULTS).resolve():
+        write_benchmarks_doc(repo)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, default=Path("."), help="the repository root (benchmarks/, docs/)")

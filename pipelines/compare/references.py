@@ -24,6 +24,10 @@ PUBLISHED = {
               ("seq_lora", "sequential LoRA", 32.4)],
              []),
 }
+# What the reader needs beside a sequence's comparison.
+NOTES = {"long": "Here a prompt is cut to the budget's max length, where O-LoRA's T5 reads up to 512 tokens: "
+                 "`prompt_lengths` gives the share of each task's test prompts whose text is cut, and a cut "
+                 "multirc, rte or cb prompt loses the question or the second sentence that decides its label."}
 HOLDS = {"better": "holds", "worse": "reversed", "not distinguishable": "not distinguishable"}
 
 
@@ -65,6 +69,7 @@ def published_section(summary: dict, heading: str, pooled_group: str = "standard
             ours = ("not run yet", "—") if e is None else (_fmt(e["AA"]), _fmt(e["BwT"]))
             lines.append(f"| {method} | {theirs} | {aa:.1f} | {ours[0]} | {ours[1]} |")
         lines += [f"| — | {name} | {aa:.1f} | not run here | — |" for name, aa in unmatched] + [""]
+        lines += [NOTES[sequence], ""] if sequence in NOTES else []
         steps = [*pairwise(order), (order[0], order[-1])]
         lines += [f"- {order_check(_pair(summary, sequence, a[0], b[0]), a[0], b[0])}" for a, b in steps]
         if sequence == "standard_o1":
