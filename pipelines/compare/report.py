@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -142,7 +143,8 @@ def aa_bwt_figure(summary: dict, path: Path) -> None:
     """One panel per sequence: each method at (BwT, AA) with its 95% intervals as bars."""
     sequences = sorted({e["sequence"] for e in summary["methods"]})
     methods = sorted({e["method"] for e in summary["methods"]})
-    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    palette = colormaps["tab20"]  # 20 distinct colours: more methods than the default cycle's 10
+    colours = {m: palette(i % 20) for i, m in enumerate(methods)}
     cols = min(3, max(1, len(sequences)))
     rows_n = -(-max(1, len(sequences)) // cols)
     # Constrained layout leaves room for the legend below the panels, where it hides no point.
