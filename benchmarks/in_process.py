@@ -49,7 +49,7 @@ from pipelines.run.stages import eval_modes
 from pipelines.run.worker import micro_batches
 from benchmarks import cl_quality
 from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget
-from benchmarks.cl_stats import encode, verdict
+from pipelines.compare.stats import encode, verdict
 
 CACHE = REPO / "runs" / "in_process"
 # The prepared slice of train rows never trained on (issue 32 names it "validation").

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipelines.compare.cost import storage_figures
+
 TASKS = {
     "bbc_news_topic": ["business", "entertainment", "politics", "sports", "tech"],
     "vader_movieReviewSnippets": ["negative", "positive"],
@@ -44,19 +46,6 @@ def benchmark_config(data: Path, train_examples: int, test_examples: int) -> dic
         "eval": {"batch_size": 20},
         "data": {"on_bad_rows": "skip"},  # spamassassin has a few empty messages
     }
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def storage_figures(run_dir: Path, tasks: int) -> dict:
-    """Bytes per finished task: the whole run folder, its banks, its evaluation rows."""
-    per_task = {"storage_per_task_bytes": folder_bytes(run_dir) // tasks,
-                "bank_bytes_per_task": folder_bytes(run_dir / "banks") // tasks,
-                "eval_bytes_per_task": folder_bytes(run_dir / "eval") // tasks}
-    target = 1.2 * per_task["bank_bytes_per_task"] + per_task["eval_bytes_per_task"]
-    return {**per_task, "storage_target_met": per_task["storage_per_task_bytes"] <= target}
 
 
 def main() -> None:

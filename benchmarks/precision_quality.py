@@ -16,8 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, correctness, run_config
+from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, run_config
 from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
+from pipelines.compare.docs import after_writing
+from pipelines.compare.outputs import correctness
 
 PRECISIONS = ("fp32", "bf16-mixed")
 
@@ -62,6 +64,7 @@ def main() -> None:
            "agree_within_interval": agree}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "precision_quality.json").write_text(json.dumps(out, indent=2))
+    after_writing(args.out / "precision_quality.json", REPO)
     for precision, r in runs.items():
         print(f"{precision:<11} AA {r['AA']:5.1f}  BwT {r['BwT']:+5.1f}  wall {r['wall_s']:.0f} s")
     for name, v in differences.items():

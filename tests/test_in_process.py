@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import in_process
 from benchmarks.cl_quality import Budget
-from benchmarks.cl_stats import decode
+from pipelines.compare.stats import decode
 from cl_core.synthetic import synthetic_rows
 from pipelines.data.tasks import load_prepared
 

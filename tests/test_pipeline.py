@@ -17,7 +17,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from benchmarks.pipeline_overhead import storage_figures
+from pipelines.compare.cost import storage_figures
 from pipelines.config import ConfigError, parse_config
 from pipelines.run.driver import Driver, check_cluster
 from pipelines.run.ledger import Ledger, StageKey

@@ -1,9 +1,9 @@
-"""benchmarks.seta_drift on a tiny SETA run: it reproduces the run's accuracy matrix and swaps
+"""pipelines.compare.drift on a tiny SETA run: it reproduces the run's accuracy matrix and swaps
 the shared parameters between banks."""
 
 import pytest
 
-from benchmarks.seta_drift import drift_split
+from pipelines.compare.drift import drift_split
 from pipelines.config import parse_config
 from pipelines.run.driver import Driver
 from tests.conftest import tiny_run
