@@ -118,7 +118,7 @@ def test_the_selection_summary_pairs_each_variant_with_the_references_on_both_sp
 
 def test_an_inference_variant_answers_with_the_same_training_and_gets_its_own_row(data, tmp_path):
     results = in_process.Results(tmp_path / "r.json", BUDGET, 10)
-    params = {"shared_anchor": "none", "shared_inference": "snapshot"}
+    params = {"shared_anchor": "none", "shared_inference": "snapshot", "choice_memory": 4}
     in_process.run_missing(results, "snap", "moe_cl", params, ["smoke"], [0], BUDGET,
                            inference={"paper": {"shared_inference": "current"}}, data=data,
                            cache=tmp_path / "cache", tasks=list(TASKS))

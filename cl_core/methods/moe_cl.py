@@ -20,9 +20,10 @@ What keeps earlier tasks (`docs/methods.md`, MoE-CL, says which default was chos
   "current"): after each task t the bank keeps frozen snapshot experts, the shared expert as t
   left it (θ*_t). At inference a task answers from its snapshot where `snapshot_choice` says the
   snapshot is the better, as judged after the latest task: "memory", its `choice_memory`
-  remembered training rows (a declared memory of earlier tasks' rows: read to choose, never
-  trained on) have a higher loss now than at its end; "estimate", ĉ_j > 0 (no rows). Training
-  is unchanged.
+  remembered rows have a higher loss now than at its end (a declared memory of each task's
+  rows, held out of its training, so that it judges as unseen rows would: rows trained on
+  favour the snapshot that fitted them); "estimate", ĉ_j > 0 (no rows). Training is otherwise
+  unchanged (the same steps, over the rows left).
 - `shared_lr_scale`, `shared_weight_decay`: its own optimizer parameter group; `shared_ema`: an
   exponential moving average of it over training steps.
 
@@ -160,6 +161,16 @@ class MoECL(Method):
         """Is there a game to play: a weight, and more than one task for D to tell apart?"""
         return self.params.adv_weight > 0 and model.extras["disc_0"].out_features > 1
 
+    def training_examples(self, task: int, current: list[dict], earlier: list[list[dict]], seed: int) -> list[dict]:
+        """Under snapshot inference with a choice memory, the last `choice_memory` rows are held
+        out: the memory that judges the snapshots must not have been trained on (the schedule
+        still takes the task's steps, over the rows left)."""
+        count = self.params.choice_memory if self.params.shared_inference == "snapshot" else 0
+        if count and len(current) <= count:
+            raise ValueError(f"moe_cl.choice_memory {count}: task {task} has {len(current)} training rows; "
+                             f"it holds that many out of training")
+        return current[:-count] if count else current
+
     def routing_fields(self, model: ContinualModel, batch: dict, training: bool) -> dict:
         return {"task_ids": batch["task_ids"], "capture_inputs": training and self.discriminates(model),
                 "snapshot_tasks": frozenset() if training else self.snapshot_tasks(model)}
@@ -289,19 +300,24 @@ def add_snapshot(model: ContinualModel, task: int) -> None:
 
 
 def remember_rows(model: ContinualModel, task: int, batches, count: int, loss_fn) -> None:
-    """Keep the first `count` training rows of `task` (the declared choice memory: read to
-    choose, never trained on) as collated batches, and their mean loss now, at the task's end."""
-    kept, losses = 0, []
+    """Keep the last `count` of `task`'s training rows, those `training_examples` held out of its
+    training (the declared choice memory: read to choose, never trained on), as collated
+    batches, and their mean loss now, at the task's end."""
+    total = sum(len(batch["input_ids"]) for batch in batches())
+    seen, kept, losses = 0, 0, []
     with torch.no_grad():
-        for b, batch in enumerate(batches()):
-            batch = {k: v[: count - kept] for k, v in batch.items()}
+        for batch in batches():
+            size = len(batch["input_ids"])
+            start = max(0, total - count - seen)
+            seen += size
+            if start >= size:
+                continue
+            batch = {k: v[start:] for k, v in batch.items()}
             for field, value in batch.items():
-                model.method_state[f"{PREFIX}task{task}.rows{b}.{field}"] = value
-            losses.append((float(loss_fn(batch)), len(batch["input_ids"])))
-            kept += len(batch["input_ids"])
-            if kept >= count:
-                break
-    model.method_state[f"{PREFIX}task{task}.rows_loss"] = torch.tensor(sum(l * n for l, n in losses) / kept)
+                model.method_state[f"{PREFIX}task{task}.rows{kept}.{field}"] = value
+            losses.append((float(loss_fn(batch)), size - start))
+            kept += 1
+    model.method_state[f"{PREFIX}task{task}.rows_loss"] = torch.tensor(sum(l * n for l, n in losses) / count)
 
 
 def remembered_loss(model: ContinualModel, task: int, loss_fn) -> float:
