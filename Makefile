@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Lint first (seconds), then the suite: fast tests before slow ones (tests/conftest.py), and the
+# 15 slowest listed so that CI's output says where its minutes go.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 # The main job: a real task sequence on SmolLM2-135M-Instruct, local Ray, local MLflow store.

@@ -74,3 +74,9 @@ def ray_local():
     start_ray(parse_config(tiny_run()))
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Fast tests first, slow ones after (each group in file order): a broken fast check fails
+    within the first minutes instead of after the Ray and DeepSpeed runs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)

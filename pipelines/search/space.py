@@ -158,6 +158,7 @@ def check_path(path: str) -> None:
     from pydantic import BaseModel
 
     node: Any = RunConfig
+    list_item: Any = None  # the item model of the list `node` stands for
     parts = path.split(".")
     for i, part in enumerate(parts):
         where = ".".join(parts[: i + 1])
