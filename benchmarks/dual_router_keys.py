@@ -44,7 +44,7 @@ def located(sequence: str, seed: int, planned: bool, budget: Budget, cache: Path
     base = materialize_base_model(cfg, cache / "models")
     tokenizer = load_tokenizer(base)
     paths = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
-                          cache / "data", cfg.eval.calibration_examples)["path"] for i, t in enumerate(cfg.tasks)]
+                          cache / "data", cfg.eval.validation_examples)["path"] for i, t in enumerate(cfg.tasks)]
     stage = build_stage(cfg, base)
     model, objective, method = stage.model, stage.objective, stage.method
     shares, means, key_cos = [], [], []

@@ -15,7 +15,7 @@ task's training rows in order as the bank stage reads them; then every task so f
 on its validation slice and its test split, in each task-id mode the pipeline would use.
 
 Validation: rows of the task's train file that are never trained on (beyond max_train_examples,
-`pipelines.data.tasks.split_calibration`), at most `--validation-examples` of them. Choices read
+`pipelines.data.tasks.split_validation`), at most `--validation-examples` of them. Choices read
 validation only; test figures are reported. Each finished run goes to the results file at once
 (atomically) and is skipped when the command runs again; `--lock` holds a file lock per run, so
 that other heavy jobs on the machine get in between runs.
@@ -53,7 +53,7 @@ from pipelines.compare.stats import encode, verdict
 
 CACHE = REPO / "runs" / "in_process"
 # The prepared slice of train rows never trained on (issue 32 names it "validation").
-VALIDATION_SPLIT = "calibration"
+VALIDATION_SPLIT = "validation"
 SPLITS = {"validation": VALIDATION_SPLIT, "test": "test"}
 MAX_GRAD_NORM = 1.0  # DeepSpeed's gradient_clipping in the pipeline's engine config
 
@@ -66,7 +66,7 @@ def run_config(method: str, params: dict, sequence: str, seed: int, budget: Budg
     order = SEQUENCES[sequence] if tasks is None else tasks
     cfg = cl_quality.run_config(method, sequence, order, seed, data, budget)
     cfg["method"] = {"name": method, "params": params}
-    cfg["eval"]["calibration_examples"] = validation_examples
+    cfg["eval"]["validation_examples"] = validation_examples
     return parse_config(cfg, f"in_process/{method}/{sequence}/s{seed}")
 
 
@@ -116,7 +116,7 @@ def prepared_stage(cfg: RunConfig, cache: Path = CACHE) -> tuple[object, list[di
     base = materialize_base_model(cfg, cache / "models").model_copy(update=base_settings(precision, cpu))
     tokenizer = load_tokenizer(base)
     summaries = [prepare_task(t, i, tokenizer, base.source, cfg.training.max_length, cfg.training.seed, cfg.data,
-                              cache / "data", cfg.eval.calibration_examples) for i, t in enumerate(cfg.tasks)]
+                              cache / "data", cfg.eval.validation_examples) for i, t in enumerate(cfg.tasks)]
     return build_stage(cfg, base), summaries, precision
 
 

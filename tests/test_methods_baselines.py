@@ -303,8 +303,9 @@ def test_registered_with_oracle_and_routable_flags():
     assert {name for name in BASELINES if METHODS[name].method.mixes_tasks} == {"replay", "mtl"}
     # the train worker loads earlier tasks' examples only for these: every method that reads them says so
     assert {name for name in METHODS if METHODS[name].method.uses_earlier_examples} == {"replay", "mtl"}
+    # moe_cl's own reads only the current task's rows (it holds out its declared choice memory)
     assert {name for name, (cls, _) in METHODS.items() if cls.training_examples is not Method.training_examples} \
-        == {"replay", "mtl"}
+        == {"replay", "mtl", "moe_cl"}
     for name, bad in [("ewc", {"lam": -1}), ("olora", {"lam_orth": -1}), ("replay", {"buffer_share": 0}),
                       ("mocl", {"match_weight": -1}), ("mocl", {"key_scale": 0})]:
         with pytest.raises(ValueError):

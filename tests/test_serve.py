@@ -104,8 +104,7 @@ def _first_bank_only(run, folder):
     """A copy of the run whose ledger stops after task 0's bank; returns (copy, the full ledger)."""
     cfg, _, run_dir = run
     copy = folder / cfg.run_id
-    copy.mkdir()
-    shutil.copy(run_dir / "config.yaml", copy)
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ray_train"))  # the ledger's paths are relative
     full = _ledger(run_dir)
     first = {**full, "stages": {k: v for k, v in full["stages"].items() if not k.startswith("task1/")}}
     atomic_write_text(copy / "ledger.json", json.dumps(first))
