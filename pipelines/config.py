@@ -43,25 +43,27 @@ def safe_name(value: str) -> str:
 class SyntheticData(Strict):
     """Generated word-block data for tiny models (see cl_core.synthetic)."""
 
-    n_train: int = Field(64, gt=0)
-    n_test: int = Field(32, gt=0)
-    seed: int = 0
+    n_train: int = Field(64, gt=0, description="generated training rows")
+    n_test: int = Field(32, gt=0, description="generated test rows")
+    seed: int = Field(0, description="seed of the generator")
 
 
 class HubData(Strict):
     """A `datasets` dataset by name (users with internet access)."""
 
-    dataset: str
-    config: str | None = None
-    train_split: str = "train"
-    test_split: str = "test"
+    dataset: str = Field(description="the dataset's name on the hub")
+    config: str | None = Field(None, description="its configuration, where it has several")
+    train_split: str = Field("train", description="the split trained on (validation rows come from it too)")
+    test_split: str = Field("test", description="the split tested on")
 
 
 class TaskData(Strict):
-    train: str | None = None
-    test: str | None = None
-    hub: HubData | None = None
-    synthetic: SyntheticData | None = None
+    """Where a task's rows come from: exactly one of train+test files, `hub` or `synthetic`."""
+
+    train: str | None = Field(None, description="training file (JSONL, CSV or Parquet), relative to the config")
+    test: str | None = Field(None, description="test file, as `train`")
+    hub: HubData | None = Field(None, description="a `datasets` dataset instead of files")
+    synthetic: SyntheticData | None = Field(None, description="generated data instead of files (tiny models)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -75,15 +77,20 @@ class TaskData(Strict):
 
 
 class TaskConfig(Strict):
-    name: str = Field(min_length=1)
-    data: TaskData
-    text_field: str = "text"
-    label_field: str = "label"
-    # label value in the data → the words the model answers with (a list means "as they are").
-    labels: dict[str, str] | list[str]
-    template: str = "{text}\nCategory (one of: {labels}):"
-    max_train_examples: int | None = Field(None, gt=0)
-    max_test_examples: int | None = Field(None, gt=0)
+    """One task of the sequence, in training order."""
+
+    name: str = Field(min_length=1, description="names its folders: letters, digits, `_`, `-`, `.` (not first)")
+    data: TaskData = Field(description="where its rows come from")
+    text_field: str = Field("text", description="the rows' field holding the text")
+    label_field: str = Field("label", description="the rows' field holding the label")
+    labels: dict[str, str] | list[str] = Field(
+        description="the label values; a mapping gives the words the model answers with per value, a list "
+                    "answers with the values as they are; at least 2")
+    template: str = Field("{text}\nCategory (one of: {labels}):",
+                          description="the prompt; must hold `{text}`, may hold `{labels}`")
+    max_train_examples: int | None = Field(None, gt=0, description="train on at most this many rows (null: all); "
+                                                                   "validation rows come from those beyond it")
+    max_test_examples: int | None = Field(None, gt=0, description="test on at most this many rows (null: all)")
 
     @field_validator("name")
     @classmethod
@@ -110,9 +117,12 @@ class TaskConfig(Strict):
 
 
 class MethodConfig(Strict):
-    name: str = "moe_cl"
+    """The continual-learning method and its parameters (see docs/methods.md)."""
+
+    name: str = Field("moe_cl", description="a registered method (listed below)")
     # As written in the config (what the run id hashes); checked by the method's own params model.
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the method's own parameters, checked by its parameter model (below)")
     _validated: MethodParams | None = PrivateAttr(None)
 
     @field_validator("name")
@@ -139,74 +149,102 @@ class MethodConfig(Strict):
 
 
 class BankSection(Strict):
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    top_k: int | None = Field(None, gt=0)
+    """The LoRA experts of the bank."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank of every expert; at most the model's hidden size")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the delta is scaled by alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout on the experts' inputs")
+    top_k: int | None = Field(None, gt=0, description="experts per token for a learned router (null: all); at "
+                                                      "most the experts a layer holds")
 
 
 class TrainingConfig(Strict):
-    epochs: int = Field(1, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(128, gt=8)
-    seed: int = 0
-    checkpoint_every: int = Field(50, gt=0)
-    # fp32, bf16-mixed (bf16 compute, float32 trainable tensors and optimizer state), or auto:
-    # bf16-mixed where the training device has native bf16. See cl_core.precision.
-    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """Each task's train stage."""
+
+    epochs: int = Field(1, gt=0, description="passes over the task's training rows")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(8, gt=0, description="examples per optimizer step, over all workers")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_length: int = Field(128, gt=8, description="tokens per example (prompt and answer); longer texts are cut")
+    seed: int = Field(0, description="experts' initialisation, the training sample and order, the test sample")
+    checkpoint_every: int = Field(50, gt=0, description="optimizer steps between Ray Train checkpoints")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field(
+        "auto", description="bf16-mixed: bf16 compute, float32 trainable tensors and optimizer state; auto: "
+                            "bf16-mixed where the training device has native bf16, else fp32 (cl_core.precision)")
 
 
 class DeepSpeedConfig(Strict):
-    zero_stage: int = Field(2, ge=0, le=3)
-    config: str | None = None  # a DeepSpeed JSON; its ZeRO section wins over zero_stage
-    offload: bool = False
-    # ZeRO-3 keeps parameters under this many elements whole on every rank (DeepSpeed's default
-    # 1e5 leaves a tiny model unpartitioned); None keeps DeepSpeed's default.
-    persistence_threshold: int | None = Field(None, ge=0)
+    """The DeepSpeed engine of each train stage."""
+
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage")
+    config: str | None = Field(None, description="a DeepSpeed JSON (templates in cluster/); its ZeRO section wins "
+                                                 "over zero_stage; no bf16/fp16 section")
+    offload: bool = Field(False, description="ZeRO offload of the optimizer state to CPU memory")
+    persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3 keeps parameters under this many elements whole on every rank (null: "
+                                "DeepSpeed's 1e5, which leaves a tiny model unpartitioned)")
 
 
 class RayConfig(Strict):
-    address: str | None = None  # None: a local Ray started in-process
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(1, ge=0)
+    """Where and on what the stages run."""
+
+    address: str | None = Field(None, description="a Ray cluster's address (null: $RAY_ADDRESS, which `ray job "
+                                                  "submit` sets, else a local Ray started in-process)")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers of a train stage")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker")
+    max_failures: int = Field(1, ge=0, description="restarts of a crashed train stage from its last checkpoint")
 
 
 class MlflowConfig(Strict):
-    tracking_uri: str | None = None  # None: sqlite under the run's storage
-    experiment: str = "clpipe"
+    """Where the run is tracked."""
+
+    tracking_uri: str | None = Field(None, description="an MLflow tracking URI (null: sqlite under --storage)")
+    experiment: str = Field("clpipe", description="the MLflow experiment")
 
 
 class EvalConfig(Strict):
-    task_id: Literal["oracle", "inferred", "both"] = "oracle"
-    batch_size: int = Field(16, gt=0)
-    target_precision: float = Field(0.9, gt=0, le=1)
-    # Rows per task of the validation slice (pipelines.data.tasks.split_validation): validation
-    # accuracy, decision thresholds and Tune's scores read it; 0: none.
-    validation_examples: int = Field(100, ge=0)
+    """Each task's evaluate stage."""
+
+    task_id: Literal["oracle", "inferred", "both"] = Field(
+        "oracle", description="oracle: the true task id is given; inferred: the method locates the task (methods "
+                              "that route without one); both: each")
+    batch_size: int = Field(16, gt=0, description="examples per scoring batch (and per serving batch)")
+    target_precision: float = Field(0.9, gt=0, le=1, description="the precision a label's decision threshold "
+                                                                 "must reach (strip rate)")
+    validation_examples: int = Field(
+        100, ge=0, description="rows per task of the validation slice, held out of training (pipelines.data.tasks."
+                               "split_validation): validation accuracy, decision thresholds and Tune's scores read "
+                               "it; 0: none")
 
 
 class DataPolicy(Strict):
-    on_bad_rows: Literal["error", "skip"] = "error"
-    max_text_chars: int = Field(100_000, gt=0)  # texts are truncated to max_length tokens anyway
+    """What to do with bad input rows."""
+
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop naming the row; skip: drop "
+                                                                      "it and log the count")
+    max_text_chars: int = Field(100_000, gt=0, description="a longer text is a bad row (texts are cut to "
+                                                           "training.max_length tokens anyway)")
 
 
 class RunConfig(Strict):
-    name: str = "run"
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    tasks: list[TaskConfig] = Field(min_length=1)
-    objective: Literal["lm", "head"] = "lm"
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    bank: BankSection = Field(default_factory=BankSection)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    data: DataPolicy = Field(default_factory=DataPolicy)
+    """A run: a base model, a task sequence and how to train and evaluate it."""
+
+    name: str = Field("run", description="the run's name; its folder is `<name>-<config hash>`")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the frozen base model")
+    tasks: list[TaskConfig] = Field(min_length=1, description="the task sequence, in training order; tasks "
+                                                              "appended later continue the run")
+    objective: Literal["lm", "head"] = Field(
+        "lm", description="lm: the answer's words, loss on them, scored by label log-likelihood; head: a "
+                          "classification head per task")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="the continual-learning method")
+    bank: BankSection = Field(default_factory=BankSection, description="the LoRA experts")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="each task's training")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray resources")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow tracking")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    data: DataPolicy = Field(default_factory=DataPolicy, description="bad input rows")
 
     @field_validator("name")
     @classmethod
