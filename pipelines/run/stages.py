@@ -28,7 +28,7 @@ from pipelines.config import RunConfig
 from pipelines.data.tasks import load_prepared, prepare_task
 from pipelines.run.progress import StageProgress
 
-# Ray Train reports block ~1.9 s each with the default health-check interval; 0.1 s makes it ~0.08 s.
+# Ray Train reports block for a health-check interval each; a short one keeps a report cheap (docs/running.md).
 # A train stage's workers wait for the previous task's evaluation to free its CPUs/GPUs: give them
 # longer than Ray Train's 60 s before it calls the start-up stuck and starts over.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}
