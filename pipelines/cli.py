@@ -1,13 +1,16 @@
 """`clpipe`: run, resume, inspect and search continual-learning task sequences.
 
-    clpipe run run.yaml [--storage DIR]        run or resume (same command) a task sequence
-    clpipe validate run.yaml                   check a config and its data, run nothing
+    clpipe run run.yaml [key=value ...] [--storage DIR]   run or resume (same command) a task sequence
+    clpipe validate run.yaml [key=value ...]   check a config and its data, run nothing
     clpipe status RUN_ID [--storage DIR]       stage states and the accuracy matrix so far
     clpipe ui [RUN_ID] [--storage DIR] [--port 5000]   the MLflow UI on the run store, on 127.0.0.1
-    clpipe tune run.yaml search.yaml [--storage DIR]
+    clpipe tune run.yaml search.yaml [key=value ...] [--storage DIR]
     clpipe predict RUN_ID --input texts.jsonl [--task NAME] [--bank-of TASK] [--out preds.jsonl]
     clpipe serve RUN_ID [--port 8000] [--host 127.0.0.1] [--replicas N] [limits]   HTTP predictions on Ray Serve
     clpipe export RUN_ID --to DIR [--bank-of TASK] [--task NAME]   a LoRA bank as a PEFT adapter folder
+
+key=value after a config sets a dotted path of it before validation (training.lr=5e-4,
+method.params.adv_weight=0.2, tasks.0.max_train_examples=64; values are YAML scalars).
 """
 
 from __future__ import annotations
@@ -27,24 +30,29 @@ def _storage(args) -> Path:
     return Path(args.storage).expanduser().resolve()
 
 
+def _load(args):
+    """The run config with the command line's key=value overrides."""
+    from pipelines.overrides import load_config, parse_overrides
+
+    return load_config(args.config, parse_overrides(args.overrides))
+
+
 def cmd_validate(args) -> int:
-    from pipelines.config import load_config
     from pipelines.run.driver import check_data
 
-    cfg = load_config(args.config)
+    cfg = _load(args)
     check_data(cfg)
     print(f"{args.config}: valid; run id {cfg.run_id}; {len(cfg.tasks)} tasks; method {cfg.method.name}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from pipelines.config import load_config
     from pipelines.run.driver import Driver
     from pipelines.run.progress import ProgressBoard
     from pipelines.run.results import print_result
     from pipelines.run.sequence import task_records
 
-    cfg = load_config(args.config)
+    cfg = _load(args)
     storage = _storage(args)
     if _finished(storage / cfg.run_id, task_records(cfg)):
         print(f"{cfg.run_id}: already finished; results in {storage / cfg.run_id / 'report'}")
@@ -196,9 +204,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from pipelines.overrides import parse_overrides
     from pipelines.search.tune import run_search
 
-    return run_search(Path(args.config), Path(args.search), _storage(args))
+    return run_search(Path(args.config), Path(args.search), _storage(args), parse_overrides(args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run or resume a task sequence")
     p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="set a dotted config path (training.lr=5e-4)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a config and its data")
     p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="set a dotted config path (training.lr=5e-4)")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("status", help="stage states and accuracy matrix of a run")
     p.add_argument("run")
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tune", help="Ray Tune search over run-config fields")
     p.add_argument("config")
     p.add_argument("search")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="set a dotted config path (training.lr=5e-4)")
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("predict", help="classify texts with a run's bank")
     p.add_argument("run")

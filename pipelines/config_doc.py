@@ -22,6 +22,7 @@ from pydantic_core import PydanticUndefined
 from cl_core.atomic import atomic_write_text
 from cl_core.methods import METHODS
 from pipelines.config import RunConfig
+from pipelines.overrides import section_step
 
 DOC = Path("docs") / "config.md"
 
@@ -39,17 +40,10 @@ def sections(model: type[BaseModel] = RunConfig, path: str = "") -> list[tuple[s
 
 def _section_model(annotation) -> tuple[type[BaseModel] | None, bool]:
     """The model a field's value is (or a list of), if any, and whether it is a list."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, False
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is list and args:
-        return _section_model(args[0])[0], True
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            inner, is_list = _section_model(arg)
-            if inner is not None:
-                return inner, is_list
-    return None, False
+    step, item = section_step(annotation)
+    if step == "list":
+        return item, True
+    return (step, False) if isinstance(step, type) else (None, False)
 
 
 def type_name(annotation) -> str:

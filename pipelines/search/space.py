@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.config import ConfigError, RunConfig, Strict, _format_error, parse_config
+from pipelines.overrides import apply_params, check_path, load_config, override_source, read_config_data
 
 GRID_CHECKS_MAX = 256  # full grid combinations validated before the search starts
 
@@ -152,89 +152,6 @@ def trial_params(config: dict) -> dict[str, Any]:
     return flatten_dict(config, delimiter=".")
 
 
-def check_path(path: str) -> None:
-    """The dotted path against the run config's schema: each part a field of its section (free-form
-    sections such as method.params are left to the config check), digits index lists."""
-    from pydantic import BaseModel
-
-    node: Any = RunConfig
-    list_item: Any = None  # the item model of the list `node` stands for
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        where = ".".join(parts[: i + 1])
-        if node is None:
-            raise ConfigError(f"{'.'.join(parts[:i])}: is a value, not a section; {path} does not exist")
-        if node == "list":
-            node = list_item
-            if not part.isdigit():
-                raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a list; index it with a number")
-            continue
-        if node == "free":
-            return
-        if part not in node.model_fields:
-            raise ConfigError(f"{where}: unknown field; {'.'.join(parts[:i]) or 'the run config'} has "
-                              f"{', '.join(node.model_fields)}")
-        node, list_item = _section(node.model_fields[part].annotation, BaseModel)
-
-
-def _section(annotation, base_model) -> tuple[Any, Any]:
-    """A field's type as a path step: (model class | "list" | "free" | None for a value, list item model)."""
-    import types
-    import typing
-
-    def is_model(a):
-        return isinstance(a, type) and issubclass(a, base_model)
-
-    origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
-    if is_model(annotation):
-        return annotation, None
-    if origin is list and args and is_model(args[0]):
-        return "list", args[0]
-    if origin is dict or annotation is dict:
-        return "free", None
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            step = _section(a, base_model)
-            if step[0] is not None:
-                return step
-    return None, None
-
-
-def set_path(data: dict, path: str, value: Any) -> None:
-    """data[a][b][c] = value for path "a.b.c"; missing sections are created (the run config's schema
-    then says whether they exist); digits index lists (`tasks.1.max_train_examples`)."""
-    parts = path.split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{where}: no item {part} (the list has {len(node)})")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise ConfigError(f"{where}: is a value ({node!r}), not a section")
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"{where}: is a value ({node!r}), not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{path}: no item {last} (the list has {len(node)})")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def apply_params(base: dict, params: dict[str, Any]) -> dict:
-    data = copy.deepcopy(base)
-    for path, value in params.items():
-        set_path(data, path, value)
-    return data
-
-
 def validate_search(search_data: Any, base_data: dict, search_source: str = "<search>",
                     run_source: str = "<run>", base_dir: Path | None = None) -> SearchConfig:
     """The search file, checked against the run config before any compute: every value a trial can
@@ -280,15 +197,17 @@ def _grid_combinations(search: SearchConfig) -> list[dict]:
     return combos
 
 
-def load_search(path: Path, run_path: Path) -> tuple[SearchConfig, dict, RunConfig]:
-    """(search, the run config's raw dict, the parsed run config); ConfigError on any problem."""
-    from pipelines.config import load_config, read_yaml_mapping
+def load_search(path: Path, run_path: Path, overrides: dict | None = None) -> tuple[SearchConfig, dict, RunConfig]:
+    """(search, the run config's raw dict with the overrides set, the parsed run config); ConfigError
+    on any problem."""
+    from pipelines.config import read_yaml_mapping
 
-    base_cfg = load_config(run_path)
-    base_data = yaml.safe_load(Path(run_path).read_text())
+    base_cfg = load_config(run_path, overrides)
+    base_data = read_config_data(run_path, overrides)
     path = Path(path)
     data = read_yaml_mapping(path, "search")
-    search = validate_search(data, base_data, str(path), str(run_path), Path(run_path).resolve().parent)
+    search = validate_search(data, base_data, str(path), override_source(run_path, overrides or {}),
+                             Path(run_path).resolve().parent)
     return search, base_data, base_cfg
 
 

@@ -188,7 +188,7 @@ def _close_unfinished_runs(tracker, rows: list[dict]) -> None:
         tracker.close_sequence(row["run_id"], "FAILED" if row["state"] == "ERROR" else "KILLED", row["state"])
 
 
-def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
+def run_search(config_path: Path, search_path: Path, storage: Path, overrides: dict | None = None) -> int:
     import ray
 
     from pipelines.config import load_config
@@ -196,7 +196,7 @@ def run_search(config_path: Path, search_path: Path, storage: Path) -> int:
     from pipelines.tracking import Tracker, default_tracking_uri
 
     wall = time.perf_counter()
-    search, base_data, base_cfg = load_search(search_path, config_path)
+    search, base_data, base_cfg = load_search(search_path, config_path, overrides)
     if base_cfg.eval.validation_examples == 0:
         raise ConfigError(f"{config_path}: eval.validation_examples: 0 leaves the search nothing to choose on "
                           f"(trials are scored on the validation slices, never on the test split)")
