@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks import in_process
-from benchmarks.cl_quality import Budget
+from pipelines.compare import in_process
+from pipelines.compare.sequences import Budget
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import load_tokenizer
 from cl_core.methods.common import prompt_query

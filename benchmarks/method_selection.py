@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import in_process
+from pipelines.compare import in_process
 from cl_core.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"

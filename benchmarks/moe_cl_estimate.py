@@ -28,8 +28,8 @@ from cl_core.methods.moe_cl import PREFIX
 from cl_core.atomic import atomic_write_text
 from cl_core.training import evaluate_task, task_loss_fn
 from pipelines.data.tasks import load_prepared
-from benchmarks import in_process
-from benchmarks.cl_quality import Budget
+from pipelines.compare import in_process
+from pipelines.compare.sequences import Budget
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_cl_estimate.json"
 FREE = {"shared_lr_scale": 1.0, "shared_anchor": "fisher", "shared_anchor_on": "loss_rise", "shared_anchor_weight": 0.0}

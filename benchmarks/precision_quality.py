@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.cl_quality import DEFAULT_DATA, REPO, SEQUENCES, Budget, run_config
+from pipelines.compare.sequences import DEFAULT_DATA, REPO, SEQUENCES, Budget, run_config
 from cl_core.metrics import average_accuracy, backward_transfer, paired_difference
 from pipelines.compare.docs import after_writing
 from pipelines.compare.outputs import correctness

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cl_quality import DEFAULT_DATA, MODELS, REPO, RESULTS, SEQUENCES, Budget, run_config
+from pipelines.compare.sequences import DEFAULT_DATA, MODELS, REPO, RESULTS, SEQUENCES, Budget, run_config
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.objectives import encode_prompt

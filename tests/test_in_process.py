@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import in_process
-from benchmarks.cl_quality import Budget
+from pipelines.compare import in_process
+from pipelines.compare.sequences import Budget
 from pipelines.compare.stats import decode
 from cl_core.synthetic import synthetic_rows
 from pipelines.data.tasks import load_prepared
@@ -99,16 +99,16 @@ def test_a_paired_difference_gets_a_t_interval_over_the_seeds_both_have():
 
 
 def test_the_selection_summary_pairs_each_variant_with_the_references_on_both_splits():
-    from benchmarks import moe_cl_shared
+    from pipelines.compare import moe_cl_selection
 
     def row(label, seed, val_bwt, test_bwt):
         return {"label": label, "sequence": "s", "seed": seed,
                 "validation": {"oracle": {"AA": 60.0, "BwT": val_bwt}}, "test": {"oracle": {"AA": 60.0, "BwT": test_bwt}}}
 
-    free = moe_cl_shared.REFERENCES[1]
+    free = moe_cl_selection.REFERENCES[1]
     rows = [row("seq_lora", 0, -10.0, -9.0), row("seq_lora", 1, -12.0, -8.0),
             row(free, 0, -8.0, -9.0), row(free, 1, -6.0, -8.0), row("mine", 0, -1.0, -2.0)]
-    out = moe_cl_shared.summary(rows)
+    out = moe_cl_selection.summary(rows)
     assert out[f"s/{free}"]["validation"]["BwT"] == [-8.0, -6.0] and out[f"s/{free}"]["seeds"] == [0, 1]
     assert out[f"s/{free}"]["vs_seq_lora"]["validation"]["BwT"]["per_seed"] == [2.0, 6.0]
     assert out[f"s/{free}"]["vs_seq_lora"]["test"]["BwT"]["per_seed"] == [0.0, 0.0]
