@@ -76,7 +76,7 @@ def tiny_llama(spec: ModelSpec) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _gguf_location(spec: ModelSpec) -> tuple[str, str]:
+def gguf_location(spec: ModelSpec) -> tuple[str, str]:
     path = Path(spec.path)
     if path.is_file():
         return str(path.parent), path.name
@@ -93,7 +93,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
     if spec.kind == "tiny":
         return tiny_tokenizer(spec.vocab_size)
     if spec.kind == "gguf":
-        directory, name = _gguf_location(spec)
+        directory, name = gguf_location(spec)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     else:
         tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
@@ -110,7 +110,7 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
     elif spec.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     elif spec.kind == "gguf":
-        directory, name = _gguf_location(spec)
+        directory, name = gguf_location(spec)
         # transformers dequantises GGUF weights to `dtype`.
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
     else:
@@ -142,7 +142,7 @@ def hidden_size_of(spec: ModelSpec) -> int | None:
             return None
         value = json.loads(config.read_text()).get("hidden_size")
         return value if isinstance(value, int) else None
-    directory, name = _gguf_location(spec)
+    directory, name = gguf_location(spec)
     return _gguf_hidden_size(str(Path(directory) / name))
 
 

@@ -37,7 +37,9 @@ def find_run(storage: Path, run_id: str) -> Path:
 def read_run(run_dir: Path) -> tuple[RunConfig, Ledger]:
     """A run folder's resolved config and its ledger."""
     cfg = RunConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
-    return cfg, Ledger.read(run_dir)
+    ledger = Ledger.read(run_dir)
+    cfg._recorded_identity = ledger.config_hash  # its files (a DeepSpeed JSON, a model) may be elsewhere now
+    return cfg, ledger
 
 
 def latest_bank(cfg: RunConfig, ledger: Ledger) -> int | None:

@@ -53,9 +53,8 @@ def deepspeed_config(cfg: RunConfig, largest_bank_param: int) -> dict:
     parameters). A read outside every layer's forward (MoE-CL's anchor) still needs them
     registered with the learner: see `train_loop`.
     """
-    if cfg.deepspeed.config:
-        ds = json.loads(Path(cfg.deepspeed.config).read_text())
-    else:
+    ds = cfg.deepspeed.settings()  # read where the config was loaded: a worker on another node has no path
+    if ds is None:
         ds = {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}
     zero = ds.setdefault("zero_optimization", {"stage": cfg.deepspeed.zero_stage})
     if cfg.deepspeed.offload:
