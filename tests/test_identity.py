@@ -2,15 +2,20 @@
 storage mounted elsewhere) is the same run; changing a file's content is a new one."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
-from pipelines.config import load_config
+from cl_core.base_model import ModelSpec
+from pipelines import digest
+from pipelines.config import RunConfig, load_config
 from pipelines.run.ledger import Ledger
 from pipelines.run.results import read_run
 from pipelines.run.worker import deepspeed_config
+from pipelines.serve.predict import PredictError, local_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,10 +84,6 @@ def test_a_run_read_back_keeps_its_id_after_its_files_are_gone(tmp_path):
 
 
 def test_a_model_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
-    import os
-
-    from pipelines import digest
-
     path = tmp_path / "weights.bin"
     path.write_bytes(b"a" * 1000)
     old = path.stat().st_mtime - 60
@@ -92,3 +93,13 @@ def test_a_model_file_is_hashed_once_while_unchanged(tmp_path, monkeypatch):
     assert digest.file_digest(path) == digest.file_digest(path) == "digest1"
     path.write_bytes(b"b" * 1000)  # just modified: read again until it is older than RACY_S
     assert digest.file_digest(path) == "digest2" and digest.file_digest(path) == "digest3"
+
+
+def test_a_moved_run_without_its_materialized_base_says_what_to_copy(tmp_path):
+    cfg = RunConfig.model_validate({"name": "g", "tasks": [{"name": "a", "data": {"synthetic": {}}, "labels": ["w1", "w2"]}],
+                                    "model": {"kind": "gguf", "path": str(tmp_path / "gone.gguf")}})
+    missing = ModelSpec(kind="hf", path=str(tmp_path / "old-storage" / "cache" / "models" / "gguf_x"))
+    with pytest.raises(PredictError, match=r"base model .*gguf_x is missing .* copy that folder beside the run folder"):
+        local_base(cfg, tmp_path / "storage" / "g-1", missing)
+    present = ModelSpec(kind="hf", path=str(tmp_path))
+    assert local_base(cfg, tmp_path / "storage" / "g-1", present) == present
