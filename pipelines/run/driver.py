@@ -29,6 +29,7 @@ from cl_core.base_model import ModelSpec
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data.tasks import load_split
 from pipelines.run import stages
+from pipelines.run.lease import RunLease
 from pipelines.run.ledger import BASELINE_PREFIX, MODEL, Ledger, StageKey
 from pipelines.run.progress import ProgressBoard, progress_file
 from pipelines.run.report import markdown_matrix
@@ -104,13 +105,14 @@ def start_ray(cfg: RunConfig) -> None:
 class Driver:
     def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
                  on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True,
-                 board: ProgressBoard | None = None):
+                 board: ProgressBoard | None = None, wait_for_lease: bool = False):
         """Checks the data, then opens the run folder (config, ledger) and its MLflow store.
 
         `on_evaluated(t, outputs)` is called after task t's evaluate stage (done now or earlier),
         e.g. to report a Tune trial's progress stage by stage. `overlap_eval=False` settles each
         evaluation before the next task trains (a Tune scheduler wants the row first). `board`
-        shows the progress of running train and evaluate stages on the console."""
+        shows the progress of running train and evaluate stages on the console. The driver holds
+        the run folder's lease (pipelines.run.lease) until `run` returns."""
         self.cfg = cfg
         self.on_evaluated = on_evaluated
         self.overlap_eval = overlap_eval
@@ -123,18 +125,31 @@ class Driver:
         self.expected_bank_sha: dict[int, str] = {}
         self.tracking_failed = False
         check_data(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir, cfg.identity_hash())
-        records = task_records(cfg)  # before anything is written: a changed task changes nothing
-        check_extends(self.ledger.tasks, records, cfg.run_id, self.ledger.trained_at())
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
-        if records != self.ledger.tasks:
-            self.ledger.set_tasks(records)
-        self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
-        self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
+        # One driver per run, from here until `run` returns: a second one is refused before it
+        # writes anything (or, with `wait_for_lease`, waits for the first to end).
+        self.lease = RunLease(self.run_dir)
+        self.lease.acquire(wait=wait_for_lease)
+        try:
+            self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+            records = task_records(cfg)  # before anything is written: a changed task changes nothing
+            check_extends(self.ledger.tasks, records, cfg.run_id, self.ledger.trained_at())
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+            if records != self.ledger.tasks:
+                self.ledger.set_tasks(records)
+            self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
+            self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
+        except BaseException:
+            self.lease.release()
+            raise
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.lease.release()
+
+    def _run(self) -> RunResult:
         wall = time.perf_counter()
         self._start()
         self.base = self._base_model()
