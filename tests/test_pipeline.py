@@ -374,3 +374,30 @@ def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp
     assert [line[:3] for line in lines] == [["task0", "task0", "trained"], ["task1", "task1", "trained"],
                                             ["task2", "task2", "trained"]]
     assert lines[0][3] <= lines[1][3] <= lines[2][3]  # dates, in order
+
+
+class _StopDriver(Exception):
+    pass
+
+
+def test_damaged_train_output_trains_again_from_its_checkpoint_to_the_same_matrix(tmp_path, zero2_run):
+    cfg = parse_config(tiny_run("seq"))
+
+    def stop_after_task1_training(message):
+        if message.strip().startswith("task1/train") and "done in" in message:
+            raise _StopDriver  # the driver dies between the train stage and the bank stage
+
+    with pytest.raises(_StopDriver):
+        Driver(cfg, tmp_path, stop_after_task1_training).run()
+    ledger = Ledger.read(tmp_path / cfg.run_id)
+    trained = ledger.outputs(StageKey("train", 1))
+    assert not ledger.done(StageKey("bank", 1)) and Path(trained["tensors"]).parent == tmp_path / cfg.run_id / "trained"
+    tensors = Path(trained["tensors"])
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)  # what a host crash can leave of an unsynced file
+    messages = []
+    result = Driver(cfg, tmp_path, messages.append).run()
+    assert any(m.strip().startswith("train output of task 1 is damaged") for m in messages)
+    again = Ledger.read(result.run_dir).outputs(StageKey("train", 1))
+    # From its last checkpoint (the stage's last step): the same tensors and steps, no new compute.
+    assert again["tensors_sha256"] == trained["tensors_sha256"] and again["compute_s"] == trained["compute_s"]
+    assert np.array_equal(result.matrices["oracle"], zero2_run[2].matrices["oracle"], equal_nan=True)

@@ -17,14 +17,15 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from cl_core.atomic import atomic_write_text
-from cl_core.bank import BankError, load_bank
+from cl_core.atomic import atomic_write_bytes, atomic_write_text
+from cl_core.bank import BankError, load_bank, sha256_file
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import evaluate_task, plan_task, predict_probs, score_probs, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.run.calibration import save_thresholds, validation_scores
 from pipelines.config import RunConfig
+from pipelines.data.hub import LOCAL, hub_commit, is_hub_model
 from pipelines.data.tasks import load_prepared, prepare_task
 from pipelines.run.progress import StageProgress
 
@@ -60,7 +61,12 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
     device = _device(cfg)
     precision = resolve_precision(cfg.training.precision, device)
     spec = materialize_base_model(cfg, Path(cache_root)).model_copy(update=base_settings(precision, device))
-    return {"spec": spec.model_dump(), "precision": precision, "compute_s": time.perf_counter() - start}
+    revision = LOCAL
+    if is_hub_model(spec.kind, spec.path):  # every stage loads the commit the revision names now
+        revision = hub_commit(spec.path, spec.revision, "model")
+        spec = spec.model_copy(update={"revision": revision})
+    return {"spec": spec.model_dump(), "precision": precision, "revision": revision,
+            "compute_s": time.perf_counter() - start}
 
 
 @ray.remote
@@ -79,9 +85,12 @@ def train_run_name(cfg: RunConfig, task: int) -> str:
 
 
 def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
-          storage_path: Path, tracking: dict | None, progress: str | None = None) -> dict:
+          storage_path: Path, tensors_file: Path, tracking: dict | None, progress: str | None = None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
-    resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
+    resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there.
+
+    Ray writes checkpoints without fsync: the final bank tensors are copied durably (atomic write)
+    to `tensors_file`, and their sha256 goes in the ledger for the bank stage to check."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -104,7 +113,10 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
     path = Path(result.checkpoint.path)
     if not (path / BANK_TENSORS).exists():
         raise RuntimeError(f"train stage of task {task}: final checkpoint {path} has no {BANK_TENSORS}")
-    return {"checkpoint": str(path), "tensors": str(path / BANK_TENSORS), "steps": result.metrics["steps"],
+    tensors = (path / BANK_TENSORS).read_bytes()
+    atomic_write_bytes(tensors_file, tensors)
+    return {"checkpoint": str(path), "tensors": str(tensors_file),
+            "tensors_sha256": hashlib.sha256(tensors).hexdigest(), "steps": result.metrics["steps"],
             "final_loss": result.metrics["loss"], "resumed_from": result.metrics["resumed_from"],
             "partitioned_params": result.metrics["partitioned_params"],
             "compute_s": result.metrics["compute_s"]}
@@ -334,3 +346,13 @@ def verify_bank(path: str) -> str | None:
     except BankError as e:
         return str(e)
 
+
+def verify_trained(outputs: dict) -> str | None:
+    """None if a train stage's recorded tensors are on disk as the ledger's sha256 says, else why not."""
+    path = Path(outputs["tensors"])
+    if not path.is_file():
+        return f"{path} is missing"
+    found = sha256_file(path)
+    if found != outputs["tensors_sha256"]:
+        return f"{path}: sha256 {found[:12]}, the ledger recorded {outputs['tensors_sha256'][:12]}"
+    return None
