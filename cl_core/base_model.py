@@ -34,6 +34,7 @@ class ModelSpec(BaseModel):
     vocab_size: int = Field(512, gt=8)
     seed: int = 0
     trust_remote_code: bool = False
+    revision: str | None = Field(None, min_length=1)  # a hub model's branch, tag or commit
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attention: Literal["sdpa", "eager"] = "sdpa"
 
@@ -41,6 +42,8 @@ class ModelSpec(BaseModel):
     def _path_needed(self):
         if self.kind in ("hf", "gguf") and not self.path:
             raise ValueError(f"model.path is required for kind '{self.kind}'")
+        if self.revision is not None and self.kind != "hf":
+            raise ValueError(f"model.revision: only a hub model (kind 'hf') has revisions, not kind '{self.kind}'")
         return self
 
     def resolved(self) -> ModelSpec:
@@ -96,7 +99,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
         directory, name = gguf_location(spec)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     else:
-        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -108,7 +111,8 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
     if spec.kind == "tiny":
         model = tiny_llama(spec)
     elif spec.kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                     revision=spec.revision)
     elif spec.kind == "gguf":
         directory, name = gguf_location(spec)
         # transformers dequantises GGUF weights to `dtype`.

@@ -57,6 +57,7 @@ class HubData(Strict):
     config: str | None = None
     train_split: str = "train"
     test_split: str = "test"
+    revision: str | None = Field(None, min_length=1)  # a branch, tag or commit; pinned to its commit when prepared
 
 
 class TaskData(Strict):
@@ -295,6 +296,8 @@ class RunConfig(Strict):
         if self._model_content is None or self._model_content[0] != where:
             self._model_content = (where, model_content(self.model))
         payload["model"]["path"] = self._model_content[1]
+        if payload["model"]["revision"] is None:  # a run without one keeps the id it had before the field
+            del payload["model"]["revision"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
@@ -342,6 +345,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
                 setattr(task.data, split, resolve(value, f"tasks[{i}].data.{split}"))
     if cfg.model.kind in ("hf", "gguf") and (base / cfg.model.path).exists():
         cfg.model.path = str((base / cfg.model.path).resolve())
+    if cfg.model.kind == "hf" and cfg.model.revision is not None and Path(cfg.model.path).exists():
+        raise ConfigError(f"model.revision: {cfg.model.path} is a local directory; a revision pins a hub model id")
     if cfg.model.kind == "gguf" and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path: file not found: {cfg.model.path}")
     if cfg.deepspeed.config is not None:

@@ -19,6 +19,7 @@ from cl_core.atomic import atomic_write_text
 from cl_core.metrics import cl_summary
 from pipelines.config import RunConfig
 from pipelines.run.ledger import BASELINE_PREFIX, LEDGER_FILE, Ledger, LedgerError, StageKey
+from pipelines.credentials import without_credentials
 from pipelines.run.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
 
 # Where an evaluation's outputs keep each split's rows.
@@ -142,5 +143,5 @@ def print_result(result: RunResult, out=sys.stdout) -> None:
             v = result.val_summary[mode]
             print(f"validation: AA {v['AA']:.1f}  BwT {v['BwT']:+.1f}  FwT {v['FwT']:+.1f}  "
                   f"forgetting {v['forgetting']:.1f}", file=out)
-    print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "
+    print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {without_credentials(result.tracking_uri)}  "
           f"(clpipe ui --storage {result.run_dir.parent})", file=out)
