@@ -61,3 +61,17 @@ def test_clpipe_run_while_another_driver_holds_the_run_exits_2_and_touches_nothi
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE_FILE, "ledger.json"]
     assert (run_dir / "ledger.json").read_text() == "written by the first driver"
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_a_file_system_without_locks_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from pipelines.run.ledger import LedgerError
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LedgerError, match=r"driver.lease: the file system refuses a lock \(No locks available\)"):
+        RunLease(tmp_path).acquire()

@@ -46,6 +46,10 @@ class RunLease:
             raise LeaseHeld(f"run {self.path.parent.name} is being driven by {self.holder()}; nothing was run "
                             f"or changed. Wait for it to end, or stop it: its lease ({self.path}) is released "
                             f"when that process ends, and the same command then continues the run") from None
+        except OSError as e:  # e.g. Lustre mounted with `noflock`
+            os.close(fd)
+            raise LedgerError(f"{self.path}: the file system refuses a lock ({e.strerror}): the run folder needs "
+                              f"one that supports flock (docs/cluster.md)") from None
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
