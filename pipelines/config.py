@@ -187,6 +187,10 @@ class RayConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=0)
+    # Custom resources each evaluation task asks for, e.g. {"node2": 0.1}: evaluations then run on
+    # the nodes that have them (`ray start --resources '{"node2": 1}'`). Where work runs is not part
+    # of the run's identity.
+    evaluate_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class MlflowConfig(Strict):
@@ -290,7 +294,7 @@ class RunConfig(Strict):
         files by their sha256), not by where the repository or the storage is mounted."""
         if self._recorded_identity is not None:
             return self._recorded_identity
-        payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True, "tasks": True})
+        payload = self.model_dump(exclude={"ray": {"address", "evaluate_resources"}, "mlflow": True, "tasks": True})
         payload["deepspeed"]["config"] = self.deepspeed.settings()
         where = (self.model.kind, self.model.path, self.model.gguf_file)
         if self._model_content is None or self._model_content[0] != where:

@@ -79,6 +79,9 @@ def check_cluster(cfg: RunConfig) -> None:
     if need_cpu > resources.get("CPU", 0):
         raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker:g} CPUs "
                           f"need {need_cpu:g} CPUs; the cluster has {resources.get('CPU', 0):g}")
+    for name, amount in cfg.ray.evaluate_resources.items():  # else the evaluations would wait forever
+        if amount > resources.get(name, 0):
+            raise ConfigError(f"ray.evaluate_resources: no node has {amount:g} of {name!r} (`ray start --resources`)")
     if cfg.ray.use_gpu and cfg.ray.num_workers > resources.get("GPU", 0):
         raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} GPU workers; the cluster has "
                           f"{resources.get('GPU', 0):g} GPUs")
@@ -167,7 +170,7 @@ class Driver:
         self.parent = self.tracker.parent_run(self.cfg.run_id, self.cfg_dict)
         start_ray(self.cfg)
         check_cluster(self.cfg)
-        self.opts = stages.task_options(self.cfg)
+        self.opts, self.eval_opts = stages.task_options(self.cfg), stages.task_options(self.cfg, evaluation=True)
         self.progress(f"clpipe run {self.cfg.run_id}: {len(self.cfg.tasks)} tasks, method {self.cfg.method.name}, "
                       f"storage {self.run_dir}")
         self.expected_bank_sha = drop_damaged_banks(self.cfg, self.ledger, self.run_dir, self.progress)
@@ -250,7 +253,7 @@ class Driver:
     def _evaluate_untrained(self, first: int, child: str | None):
         key = StageKey.baseline(first)
         name = "baseline" if first == 0 else f"baseline-from-task{first}"
-        return stages.evaluate_untrained.options(**self.opts).remote(
+        return stages.evaluate_untrained.options(**self.eval_opts).remote(
             self.cfg, self.base, self.data, str(self.run_dir / "eval" / f"{name}.json"), first,
             str(self.cache / "untrained"), progress=self._progress_file(key))
 
@@ -259,7 +262,7 @@ class Driver:
         return stages.plan.options(**self.opts).remote(self.cfg, t, self.base, parent_bank, self.data[t], plan_dir)
 
     def _evaluate_before(self, t: int, start_bank: str | None, child: str | None):
-        return stages.evaluate_before.options(**self.opts).remote(
+        return stages.evaluate_before.options(**self.eval_opts).remote(
             self.cfg, t, self.base, start_bank, self.data[t], str(self.run_dir / "eval" / f"task{t}.before.json"))
 
     def _train(self, t: int, start_bank: str | None, child: str | None) -> dict:
@@ -274,7 +277,7 @@ class Driver:
                                                        bank_dir)
 
     def _evaluate(self, t: int, bank_dir: str, child: str | None):
-        return stages.evaluate.options(**self.opts).remote(
+        return stages.evaluate.options(**self.eval_opts).remote(
             self.cfg, t, self.base, bank_dir, self.data, str(self.run_dir / "eval" / f"task{t}.json"),
             progress=self._progress_file(StageKey("evaluate", t)))
 

@@ -47,9 +47,16 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def task_options(cfg: RunConfig) -> dict:
-    """Resources of a prepare/bank/evaluate task: those of one training worker."""
-    return {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if cfg.ray.use_gpu else 0, "max_retries": 1}
+def task_options(cfg: RunConfig, evaluation: bool = False) -> dict:
+    """Resources of a prepare/bank/evaluate task: those of one training worker; an evaluation also
+    the custom resources of `ray.evaluate_resources` (which pins it to the nodes that have them)."""
+    options = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if cfg.ray.use_gpu else 0, "max_retries": 1}
+    return {**options, "resources": cfg.ray.evaluate_resources} if evaluation else options
+
+
+def _spent(start: float) -> dict:
+    """What every stage task reports of its run: its own compute seconds and the Ray node it ran on."""
+    return {"compute_s": time.perf_counter() - start, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 @ray.remote
@@ -66,7 +73,7 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
         revision = hub_commit(spec.path, spec.revision, "model")
         spec = spec.model_copy(update={"revision": revision})
     return {"spec": spec.model_dump(), "precision": precision, "revision": revision,
-            "compute_s": time.perf_counter() - start}
+            **_spent(start)}
 
 
 @ray.remote
@@ -76,7 +83,7 @@ def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict
                            cfg.training.seed, cfg.data, Path(cache_root), cfg.eval.validation_examples)
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
-    return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
+    return {**summary, "metrics": metrics, **_spent(start)}
 
 
 def train_run_name(cfg: RunConfig, task: int) -> str:
@@ -119,7 +126,7 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
             "tensors_sha256": hashlib.sha256(tensors).hexdigest(), "steps": result.metrics["steps"],
             "final_loss": result.metrics["loss"], "resumed_from": result.metrics["resumed_from"],
             "partitioned_params": result.metrics["partitioned_params"],
-            "compute_s": result.metrics["compute_s"]}
+            "compute_s": result.metrics["compute_s"], "node_id": result.metrics.get("node_id")}
 
 
 @ray.remote
@@ -149,7 +156,7 @@ def plan(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, da
                           extra={"task": task, "method": cfg.method.name, "plan": True})
     load_bank(Path(out_dir), model.identity)
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
-            "compute_s": time.perf_counter() - start}
+            **_spent(start)}
 
 
 @ray.remote
@@ -174,7 +181,7 @@ def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, te
     manifest = model.save(Path(out_dir), parent=parent_bank, extra={"task": task, "method": cfg.method.name})
     load_bank(Path(out_dir), model.identity)  # read back and verify before the ledger says done
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
-            "compute_s": time.perf_counter() - start}
+            **_spent(start)}
 
 
 def eval_modes(cfg: RunConfig, method) -> list[str]:
@@ -195,7 +202,7 @@ def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, d
     stage.model.to(_device(cfg))
     out = {split: {mode: _accuracy(stage.model, stage.objective, stage.method, cfg, load_prepared(data_path, split),
                                    mode) for mode in eval_modes(cfg, stage.method)} for split in ("test", "validation")}
-    out = {"rows": out["test"], "validation": out["validation"], "compute_s": time.perf_counter() - start}
+    out = {"rows": out["test"], "validation": out["validation"], **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}
 
@@ -241,7 +248,7 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str, data_pat
             done += len(examples)
         rows[mode] = matrix_row(results)
     save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "validation": validation, "compute_s": time.perf_counter() - start}
+    out = {"rows": rows, "validation": validation, **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
 
@@ -304,7 +311,7 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
         done += len(examples)
         meter.update(done)
     out = {"rows": {"oracle": matrix_row(results)}, "validation": {"oracle": validation_row(validation)},
-           "first": first, "reused": reused, "compute_s": time.perf_counter() - start}
+           "first": first, "reused": reused, **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the first training)
 

@@ -274,7 +274,7 @@ def train_loop(config: dict) -> None:
         if done % LOG_EVERY == 0 or last:
             pending = []
         metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"], "resumed_from": start,
-                   "partitioned_params": run.partitioned,
+                   "partitioned_params": run.partitioned, "node_id": ray.get_runtime_context().get_node_id(),
                    # Training compute only: checkpoint I/O is orchestration overhead.
                    "compute_s": time.perf_counter() - started - checkpoint_s}
         if done % every == 0 or last:
