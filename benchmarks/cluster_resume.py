@@ -108,8 +108,8 @@ def main() -> None:
         second = submit(cluster, storage, wait=True, submission_id="second")
         refused = [line for line in (second.stdout + second.stderr).splitlines() if "is being driven by" in line]
         say(f"second submission: {refused[0] if refused else 'NOT refused'}")
+        first_id = wait_for(lambda: run_id_in(job_logs(cluster, "first")), "the first job's run id", 300, 1.0)
         wait_for(lambda: task1_training_checkpointed(run_dir), "task 1 training with a checkpoint")
-        first_id = run_id_in(job_logs(cluster, "first"))
         cluster.kill()
         killed_at = json.loads((run_dir / LEDGER_FILE).read_text())["stages"]
         say(f"killed the whole cluster while task 1 trained; ledger had {sorted(killed_at)}")
