@@ -60,8 +60,9 @@ def driver(config: Path, storage: Path) -> subprocess.Popen:
 
 
 def done_stages(run_dir: Path) -> set[str]:
-    ledger = run_dir / "ledger.json"
-    return set(json.loads(ledger.read_text())["stages"]) if ledger.exists() else set()
+    from pipelines.run.ledger import LEDGER_FILE, Ledger
+
+    return {str(key) for key in Ledger.read(run_dir).by_prefix("")} if (run_dir / LEDGER_FILE).exists() else set()
 
 
 def run_to_end(config: Path, storage: Path) -> None:

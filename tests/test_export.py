@@ -142,4 +142,5 @@ def test_registry_holds_a_version_per_bank_and_latest_predicts_as_predict(run, t
         got = model.predict(pd.DataFrame(rows)).to_dict("records")
         want = _predicted(run, rows, tmp_path, bank_of)
         assert [(g["label"], g["decided"], g["task"]) for g in got] == [(w["label"], w["decided"], w["task"]) for w in want]
-        assert [g["probs"] for g in got] == pytest.approx([w["probs"] for w in want], abs=1e-6)
+        for g, w in zip(got, want, strict=True):
+            assert g["probs"] == pytest.approx(w["probs"], abs=1e-6)

@@ -53,8 +53,10 @@ def adapter_task(predictor: Predictor, task_name: str | None) -> int:
         if task_name not in tasks:
             raise PredictError(f"--task {task_name!r}: not a task of bank {tasks[-1]!r}; its tasks: {tasks}")
         return tasks.index(task_name)
-    layer = predictor.stage.model.bank.layers[0]
-    if isinstance(layer.router, TaskRouter) and len(tasks) > 1:
+    layers = predictor.stage.model.bank.layers
+    per_task_lora = isinstance(layers[0].router, TaskRouter) and all(
+        layer_experts(layer, len(tasks) - 1) is not None for layer in layers)  # else peft_adapter says it mixes
+    if per_task_lora and len(tasks) > 1:
         raise PredictError(f"run {predictor.cfg.run_id}: method {predictor.cfg.method.name} keeps a LoRA per task; "
                            f"--task NAME picks one of {tasks}")
     return len(tasks) - 1
