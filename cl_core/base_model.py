@@ -37,6 +37,7 @@ class ModelSpec(BaseModel):
     vocab_size: int = Field(512, gt=8, description="tiny: vocabulary (words w0, w1, ...)")
     seed: int = Field(0, description="tiny: seed of the random weights")
     trust_remote_code: bool = Field(False, description="let transformers run the model's own code (hf)")
+    revision: str | None = Field(None, min_length=1, description="hf from the hub: a branch, tag or commit")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="set by the run from training.precision; leave it")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="set by the run from training.precision; "
@@ -46,6 +47,8 @@ class ModelSpec(BaseModel):
     def _path_needed(self):
         if self.kind in ("hf", "gguf") and not self.path:
             raise ValueError(f"model.path is required for kind '{self.kind}'")
+        if self.revision is not None and self.kind != "hf":
+            raise ValueError(f"model.revision: only a hub model (kind 'hf') has revisions, not kind '{self.kind}'")
         return self
 
     def resolved(self) -> ModelSpec:
@@ -81,7 +84,7 @@ def tiny_llama(spec: ModelSpec) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _gguf_location(spec: ModelSpec) -> tuple[str, str]:
+def gguf_location(spec: ModelSpec) -> tuple[str, str]:
     path = Path(spec.path)
     if path.is_file():
         return str(path.parent), path.name
@@ -98,10 +101,10 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
     if spec.kind == "tiny":
         return tiny_tokenizer(spec.vocab_size)
     if spec.kind == "gguf":
-        directory, name = _gguf_location(spec)
+        directory, name = gguf_location(spec)
         tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     else:
-        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -113,9 +116,10 @@ def load_base_model(spec: ModelSpec) -> tuple[nn.Module, PreTrainedTokenizerFast
     if spec.kind == "tiny":
         model = tiny_llama(spec)
     elif spec.kind == "hf":
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                     revision=spec.revision)
     elif spec.kind == "gguf":
-        directory, name = _gguf_location(spec)
+        directory, name = gguf_location(spec)
         # transformers dequantises GGUF weights to `dtype`.
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
     else:
@@ -147,7 +151,7 @@ def hidden_size_of(spec: ModelSpec) -> int | None:
             return None
         value = json.loads(config.read_text()).get("hidden_size")
         return value if isinstance(value, int) else None
-    directory, name = _gguf_location(spec)
+    directory, name = gguf_location(spec)
     return _gguf_hidden_size(str(Path(directory) / name))
 
 

@@ -6,6 +6,7 @@ starts or any model loads.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
     model_validator
 
 from cl_core.methods import METHODS, Method, MethodParams, build_method, method_params
-from cl_core.base_model import ModelSpec, hidden_size_of
+from cl_core.base_model import ModelSpec, gguf_location, hidden_size_of
+from pipelines.digest import tree_digest
 
 # Run and task names become folder names (`<run>-<hash>/`, `banks/task<i>-<name>/`): no path
 # separators, no leading dot.
@@ -55,6 +57,8 @@ class HubData(Strict):
     config: str | None = Field(None, description="its configuration, where it has several")
     train_split: str = Field("train", description="the split trained on (validation rows come from it too)")
     test_split: str = Field("test", description="the split tested on")
+    revision: str | None = Field(None, min_length=1, description="a branch, tag or commit; pinned to its commit "
+                                                                 "when prepared")
 
 
 class TaskData(Strict):
@@ -183,6 +187,17 @@ class DeepSpeedConfig(Strict):
     persistence_threshold: int | None = Field(
         None, ge=0, description="ZeRO-3 keeps parameters under this many elements whole on every rank (null: "
                                 "DeepSpeed's 1e5, which leaves a tiny model unpartitioned)")
+    # The JSON's content, read when the config is loaded: workers on any node use it, and the run's
+    # identity hashes it (not the path, which depends on where the repository is mounted).
+    _content: dict | None = PrivateAttr(None)
+
+    def settings(self) -> dict | None:
+        """The DeepSpeed JSON's content (a copy), or None where none is given."""
+        if self.config is None:
+            return None
+        if self._content is None:
+            self._content = json.loads(Path(self.config).read_text())
+        return copy.deepcopy(self._content)
 
 
 class RayConfig(Strict):
@@ -194,6 +209,9 @@ class RayConfig(Strict):
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker")
     max_failures: int = Field(1, ge=0, description="restarts of a crashed train stage from its last checkpoint")
+    evaluate_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources each evaluation asks for, e.g. {node2: 0.1}: evaluations "
+                                          "run on the nodes that have them; not part of the run's identity")
 
 
 class MlflowConfig(Strict):
@@ -245,6 +263,11 @@ class RunConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow tracking")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     data: DataPolicy = Field(default_factory=DataPolicy, description="bad input rows")
+    # The identity a run folder's ledger recorded (set by pipelines.run.results.read_run): a run read
+    # back keeps its id where the files it was hashed from are gone (a folder moved to a server).
+    _recorded_identity: str | None = PrivateAttr(None)
+    # The model's content as first read, by its location: the id stays while the run runs.
+    _model_content: tuple | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -305,13 +328,34 @@ class RunConfig(Strict):
     def identity_hash(self) -> str:
         """Hash of everything that shapes the results except the task list, so that a run can have
         tasks appended (pipelines.run.sequence identifies each task's stages); where a run runs and is
-        tracked does not count."""
-        payload = self.model_dump(exclude={"ray": {"address"}, "mlflow": True, "tasks": True})
+        tracked does not count. Files count by their content (a DeepSpeed JSON parsed, a local model's
+        files by their sha256), not by where the repository or the storage is mounted."""
+        if self._recorded_identity is not None:
+            return self._recorded_identity
+        payload = self.model_dump(exclude={"ray": {"address", "evaluate_resources"}, "mlflow": True, "tasks": True})
+        payload["deepspeed"]["config"] = self.deepspeed.settings()
+        where = (self.model.kind, self.model.path, self.model.gguf_file)
+        if self._model_content is None or self._model_content[0] != where:
+            self._model_content = (where, model_content(self.model))
+        payload["model"]["path"] = self._model_content[1]
+        if payload["model"]["revision"] is None:  # a run without one keeps the id it had before the field
+            del payload["model"]["revision"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def run_id(self) -> str:
         return f"{self.name}-{self.identity_hash()[:10]}"
+
+
+def model_content(spec: ModelSpec) -> str | dict | None:
+    """What identifies the base model's weights: a local directory or GGUF file by its files'
+    digest, a hub id (with its `revision`) as it is written, None for the kinds without a path."""
+    if spec.kind not in ("hf", "gguf") or not Path(spec.path).exists():
+        return spec.path
+    if spec.kind == "gguf":
+        directory, name = gguf_location(spec)
+        return {"sha256": tree_digest(Path(directory) / name)}
+    return {"sha256": tree_digest(Path(spec.path))}
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -343,12 +387,14 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
                 setattr(task.data, split, resolve(value, f"tasks[{i}].data.{split}"))
     if cfg.model.kind in ("hf", "gguf") and (base / cfg.model.path).exists():
         cfg.model.path = str((base / cfg.model.path).resolve())
+    if cfg.model.kind == "hf" and cfg.model.revision is not None and Path(cfg.model.path).exists():
+        raise ConfigError(f"model.revision: {cfg.model.path} is a local directory; a revision pins a hub model id")
     if cfg.model.kind == "gguf" and not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path: file not found: {cfg.model.path}")
     if cfg.deepspeed.config is not None:
         cfg.deepspeed.config = resolve(cfg.deepspeed.config, "deepspeed.config")
         try:
-            ds = json.loads(Path(cfg.deepspeed.config).read_text())
+            ds = cfg.deepspeed.settings()
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed.config: {cfg.deepspeed.config}: not valid JSON ({e})") from e
         for section in ("bf16", "fp16"):

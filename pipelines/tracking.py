@@ -20,6 +20,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipelines.config import TaskConfig
+from pipelines.credentials import without_credentials
 
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 SEQUENCE, SEARCH = "sequence", "search"  # clpipe.kind of a task sequence's run and of a Tune search's run
@@ -47,7 +48,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
         elif not any(m in key.upper() for m in SECRET_MARKERS):
-            out[name] = str(value)[:500]
+            out[name] = without_credentials(str(value))[:500]
     return out
 
 
@@ -58,9 +59,10 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     try:
         with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
             if response.status != 200:
-                raise TrackingError(f"MLflow at {tracking_uri} answered {response.status} to /health")
+                raise TrackingError(f"MLflow at {without_credentials(tracking_uri)} answered {response.status} to /health")
     except (urllib.error.URLError, OSError) as e:
-        raise TrackingError(f"MLflow at {tracking_uri} is not reachable ({e}); start the server or set "
+        raise TrackingError(f"MLflow at {without_credentials(tracking_uri)} is not reachable "
+                            f"({without_credentials(str(e))}); start the server or set "
                             f"mlflow.tracking_uri to a reachable one (default: a sqlite store under --storage)") from None
 
 
@@ -81,7 +83,8 @@ class Tracker:
                 if EXPERIMENT_KIND not in found.tags:  # a store from before; a kind chosen in the UI stays
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         except Exception as e:
-            raise TrackingError(f"MLflow at {tracking_uri} is not reachable or not usable: {e}") from e
+            raise TrackingError(f"MLflow at {without_credentials(tracking_uri)} is not reachable or not usable: "
+                                f"{without_credentials(str(e))}") from None
 
     def _find(self, tags: dict[str, str]) -> str | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -121,6 +124,10 @@ class Tracker:
 
     def tag(self, run: str, key: str, value: str) -> None:
         self.client.set_tag(run, key, value)
+
+    def params(self, run: str, params: dict[str, str]) -> None:
+        """Params learnt as the run goes (e.g. the hub commit a revision resolved to); a rerun logs the same."""
+        self.client.log_batch(run, params=[Param(k, without_credentials(v)) for k, v in sorted(params.items())])
 
     def close_sequence(self, run_id: str, status: str, tune_state: str) -> None:
         """A sequence that will not go on (a trial stopped early or failed): its runs still RUNNING
@@ -188,4 +195,4 @@ def _now_ms() -> int:
 
 
 def warn(message: str) -> None:
-    print(f"[clpipe] warning: {message}", file=sys.stderr, flush=True)
+    print(f"[clpipe] warning: {without_credentials(message)}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from cluster.local import free_ports, kill_process_trees
 from pipelines.compare.cost import storage_figures
 from pipelines.config import ConfigError, parse_config
 from pipelines.run.driver import Driver, check_cluster
@@ -207,40 +208,6 @@ def test_killed_train_worker_is_retried_from_its_checkpoint(ray_local, tmp_path)
     assert result.matrices["oracle"][0, 0] >= 75
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: all sockets stay bound until every port is chosen."""
-    import contextlib
-    import socket
-
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def _kill_process_trees(markers: list[str]) -> None:
-    """Kill the processes whose command line names one of `markers`, and their descendants:
-    exactly the Ray we started (`ray stop` would end every Ray on the host)."""
-    rows = [line.split(None, 2) for line in
-            subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]]
-    children: dict[int, list[int]] = {}
-    for pid, ppid, *_ in rows:
-        children.setdefault(int(ppid), []).append(int(pid))
-    todo = [int(pid) for pid, _, *args in rows if args and any(m in args[0] for m in markers)]
-    seen: set[int] = set()
-    while todo:
-        pid = todo.pop()
-        if pid not in seen and pid != os.getpid():
-            seen.add(pid)
-            todo += children.get(pid, [])
-    for pid in seen:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
     import tempfile
 
@@ -248,7 +215,7 @@ def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
     # Every listening port chosen free, so another Ray on this host (with its defaults) cannot collide.
     flags = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--runtime-env-agent-port", "--metrics-export-port")
-    port, dashboard, *free = _free_ports(2 + len(flags))
+    port, dashboard, *free = free_ports(2 + len(flags))
     ports = [(flag, str(p)) for flag, p in zip(flags, free)]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -271,7 +238,7 @@ def test_ray_job_submit_to_a_loopback_cluster(tmp_path):
         assert "Accuracy matrix" in job.stdout
         assert list((tmp_path / "s").glob("job-*/report/summary.json"))
     finally:
-        _kill_process_trees([temp_dir, f":{port}"])
+        kill_process_trees([temp_dir, f":{port}"])
 
 
 def test_mlflow_down_mid_run_loses_no_training_and_a_rerun_reconciles(ray_local, tmp_path, monkeypatch):
@@ -302,7 +269,7 @@ def test_mlflow_down_mid_run_loses_no_training_and_a_rerun_reconciles(ray_local,
 def test_ui_serves_the_store_on_loopback_and_stops_cleanly(tmp_path):
     import urllib.request
 
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     ui = subprocess.Popen(CLPIPE + ["ui", "--storage", str(tmp_path), "--port", str(port)], cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -364,7 +331,7 @@ def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp
     assert [(d.dataset.name, json.loads(d.dataset.profile)["num_rows"]) for d in train_input] == [("task2/train", 48)]
     assert len(train_input[0].dataset.digest) >= 8
     assert sorted(d.dataset.name for d in stage_runs["task2/evaluate"].inputs.dataset_inputs) == \
-        ["task0/test", "task1/test", "task2/test"]
+        sorted(f"task{t}/{split}" for t in range(3) for split in ("test", "validation"))  # both splits are read
     train2 = stage_runs["task2/train"].info.run_id
     for key in ("train/loss", "train/tokens_per_s"):  # per-step curves in the stage's child run
         assert sorted(m.step for m in client.get_metric_history(train2, key)) == [1, 2, 3, 4, 5, 6]
@@ -374,3 +341,30 @@ def test_appending_a_task_runs_only_its_stages_and_keeps_no_dead_checkpoints(tmp
     assert [line[:3] for line in lines] == [["task0", "task0", "trained"], ["task1", "task1", "trained"],
                                             ["task2", "task2", "trained"]]
     assert lines[0][3] <= lines[1][3] <= lines[2][3]  # dates, in order
+
+
+class _StopDriver(Exception):
+    pass
+
+
+def test_damaged_train_output_trains_again_from_its_checkpoint_to_the_same_matrix(tmp_path, zero2_run):
+    cfg = parse_config(tiny_run("seq"))
+
+    def stop_after_task1_training(message):
+        if message.strip().startswith("task1/train") and "done in" in message:
+            raise _StopDriver  # the driver dies between the train stage and the bank stage
+
+    with pytest.raises(_StopDriver):
+        Driver(cfg, tmp_path, stop_after_task1_training).run()
+    ledger = Ledger.read(tmp_path / cfg.run_id)
+    trained = ledger.outputs(StageKey("train", 1))
+    assert not ledger.done(StageKey("bank", 1)) and Path(trained["tensors"]).parent == tmp_path / cfg.run_id / "trained"
+    tensors = Path(trained["tensors"])
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)  # what a host crash can leave of an unsynced file
+    messages = []
+    result = Driver(cfg, tmp_path, messages.append).run()
+    assert any(m.strip().startswith("train output of task 1 is damaged") for m in messages)
+    again = Ledger.read(result.run_dir).outputs(StageKey("train", 1))
+    # From its last checkpoint (the stage's last step): the same tensors and steps, no new compute.
+    assert again["tensors_sha256"] == trained["tensors_sha256"] and again["compute_s"] == trained["compute_s"]
+    assert np.array_equal(result.matrices["oracle"], zero2_run[2].matrices["oracle"], equal_nan=True)

@@ -21,6 +21,7 @@ from cl_core.atomic import publish_dir, staging_dir
 from cl_core.objectives import TaskFormat, encode_prompt
 from cl_core.synthetic import synthetic_rows
 from pipelines.config import DataPolicy, TaskConfig
+from pipelines.data.hub import LOCAL, hub_commit
 
 READERS = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -127,7 +128,7 @@ def load_split(task: TaskConfig, split: str, task_index: int, policy: DataPolicy
         return Rows(rows=synthetic_rows(task_index, list(task.verbalizers), n, seed))
     if data.hub is not None:
         name = data.hub.train_split if split == "train" else data.hub.test_split
-        table = datasets.load_dataset(data.hub.dataset, data.hub.config, split=name,
+        table = datasets.load_dataset(data.hub.dataset, data.hub.config, split=name, revision=data.hub.revision,
                                       cache_dir=None if cache_dir is None else str(cache_dir))
         raw = [(i + 1, row) for i, row in enumerate(table)]
         return check_rows(raw, task, policy, f"{data.hub.dataset}[{name}]")
@@ -189,7 +190,13 @@ def content_hash(task: TaskConfig, task_index: int, tokenizer_id: str, max_lengt
 def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str, max_length: int, seed: int,
                  policy: DataPolicy, cache_root: Path, validation_examples: int) -> dict:
     """Tokenized train/validation/test datasets for one task under `cache_root/<hash>` (see
-    `split_validation`); returns paths, counts and where the validation slice came from."""
+    `split_validation`); returns paths, counts, where the validation slice came from, and the
+    hub commit the data was read at (`revision`; "local" for files and generated data)."""
+    revision = LOCAL
+    if task.data.hub is not None:  # pinned: the prepared data is of one commit, named in its key
+        revision = hub_commit(task.data.hub.dataset, task.data.hub.revision, "dataset")
+        hub = task.data.hub.model_copy(update={"revision": revision})
+        task = task.model_copy(update={"data": task.data.model_copy(update={"hub": hub})})
     key = content_hash(task, task_index, tokenizer_id, max_length, seed, validation_examples)
     out = cache_root / key
     summary_file = out / "summary.json"
@@ -197,7 +204,7 @@ def prepare_task(task: TaskConfig, task_index: int, tokenizer, tokenizer_id: str
         return json.loads(summary_file.read_text())
     fmt = task_format(task, max_length)
     labels = list(task.verbalizers)
-    summary = {"key": key, "path": str(out), "splits": {}}
+    summary = {"key": key, "path": str(out), "splits": {}, "revision": revision}
     tmp = staging_dir(out)
     train = load_split(task, "train", task_index, policy, cache_root / "hub")
     test = load_split(task, "test", task_index, policy, cache_root / "hub")

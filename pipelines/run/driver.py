@@ -14,7 +14,6 @@ rerunning the same command finds the ledger and goes on.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -27,14 +26,18 @@ import yaml
 from cl_core.atomic import atomic_write_text
 from cl_core.base_model import ModelSpec
 from pipelines.config import ConfigError, RunConfig
+from pipelines.data.hub import LOCAL
 from pipelines.data.tasks import load_split
 from pipelines.run import stages
+from pipelines.run.lease import RunLease
 from pipelines.run.ledger import BASELINE_PREFIX, MODEL, Ledger, StageKey
+from pipelines.run.recovery import drop_damaged_banks, forget_damaged_training, prune_train_checkpoints
 from pipelines.run.progress import ProgressBoard, progress_file
 from pipelines.run.report import markdown_matrix
 from pipelines.run.results import RunResult, baseline_covered, results_so_far, write_report
 from pipelines.run.sequence import check_extends, task_records
 from pipelines.serve.mlflow_model import log_bank_model
+from pipelines.credentials import without_credentials
 from pipelines.tracking import Tracker, default_tracking_uri, warn
 
 # The splits an evaluation reads: logged as its MLflow run's dataset inputs.
@@ -76,6 +79,9 @@ def check_cluster(cfg: RunConfig) -> None:
     if need_cpu > resources.get("CPU", 0):
         raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker:g} CPUs "
                           f"need {need_cpu:g} CPUs; the cluster has {resources.get('CPU', 0):g}")
+    for name, amount in cfg.ray.evaluate_resources.items():  # else the evaluations would wait forever
+        if amount > resources.get(name, 0):
+            raise ConfigError(f"ray.evaluate_resources: no node has {amount:g} of {name!r} (`ray start --resources`)")
     if cfg.ray.use_gpu and cfg.ray.num_workers > resources.get("GPU", 0):
         raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} GPU workers; the cluster has "
                           f"{resources.get('GPU', 0):g} GPUs")
@@ -104,13 +110,14 @@ def start_ray(cfg: RunConfig) -> None:
 class Driver:
     def __init__(self, cfg: RunConfig, storage: Path, progress: Callable[[str], None] = print,
                  on_evaluated: Callable[[int, dict], None] | None = None, overlap_eval: bool = True,
-                 board: ProgressBoard | None = None):
+                 board: ProgressBoard | None = None, wait_for_lease: bool = False):
         """Checks the data, then opens the run folder (config, ledger) and its MLflow store.
 
         `on_evaluated(t, outputs)` is called after task t's evaluate stage (done now or earlier),
         e.g. to report a Tune trial's progress stage by stage. `overlap_eval=False` settles each
         evaluation before the next task trains (a Tune scheduler wants the row first). `board`
-        shows the progress of running train and evaluate stages on the console."""
+        shows the progress of running train and evaluate stages on the console. The driver holds
+        the run folder's lease (pipelines.run.lease) until `run` returns."""
         self.cfg = cfg
         self.on_evaluated = on_evaluated
         self.overlap_eval = overlap_eval
@@ -119,22 +126,34 @@ class Driver:
         self.cache = self.storage / "cache"
         self.progress = progress
         self.board = board
-        self.cfg_dict = cfg.model_dump()
-        self.expected_bank_sha: dict[int, str] = {}
+        self.cfg_dict = without_credentials(cfg.model_dump())  # what config.yaml and MLflow keep
         self.tracking_failed = False
         check_data(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.run_dir, cfg.identity_hash())
-        records = task_records(cfg)  # before anything is written: a changed task changes nothing
-        check_extends(self.ledger.tasks, records, cfg.run_id, self.ledger.trained_at())
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
-        if records != self.ledger.tasks:
-            self.ledger.set_tasks(records)
-        self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
-        self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
+        # One driver per run, from here until `run` returns: a second one is refused before it
+        # writes anything (or, with `wait_for_lease`, waits for the first to end).
+        self.lease = RunLease(self.run_dir)
+        self.lease.acquire(wait=wait_for_lease)
+        try:
+            self.ledger = Ledger(self.run_dir, cfg.identity_hash())
+            records = task_records(cfg)  # before anything is written: a changed task changes nothing
+            check_extends(self.ledger.tasks, records, cfg.run_id, self.ledger.trained_at())
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg_dict, sort_keys=False))
+            if records != self.ledger.tasks:
+                self.ledger.set_tasks(records)
+            self.tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(self.storage)
+            self.tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, self.storage)
+        except BaseException:
+            self.lease.release()
+            raise
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.lease.release()
+
+    def _run(self) -> RunResult:
         wall = time.perf_counter()
         self._start()
         self.base = self._base_model()
@@ -151,22 +170,25 @@ class Driver:
         self.parent = self.tracker.parent_run(self.cfg.run_id, self.cfg_dict)
         start_ray(self.cfg)
         check_cluster(self.cfg)
-        self.opts = stages.task_options(self.cfg)
+        self.opts, self.eval_opts = stages.task_options(self.cfg), stages.task_options(self.cfg, evaluation=True)
         self.progress(f"clpipe run {self.cfg.run_id}: {len(self.cfg.tasks)} tasks, method {self.cfg.method.name}, "
                       f"storage {self.run_dir}")
-        self._drop_damaged_banks()
+        self.expected_bank_sha = drop_damaged_banks(self.cfg, self.ledger, self.run_dir, self.progress)
 
     def _base_model(self) -> ModelSpec:
         model = self.stage(MODEL, self._materialize)
         self.precision = model["precision"]
         self.progress(f"precision {self.precision} (training.precision: {self.cfg.training.precision})")
         self._tracked(partial(self.tracker.tag, self.parent, "clpipe.precision", self.precision))
+        self._tracked(partial(self.tracker.params, self.parent, {"model.resolved_revision": model.get("revision", LOCAL)}))
         return ModelSpec.model_validate(model["spec"])  # the ledger holds it as JSON
 
     def _prepare_all(self) -> list[str]:
         """Every task's data first: the untrained baseline evaluates all of them."""
         prepared = [self.stage(StageKey("prepare", t), partial(self._prepare, t)) for t in range(len(self.cfg.tasks))]
         data = [p["path"] for p in prepared]
+        self._tracked(partial(self.tracker.params, self.parent, {f"tasks.{task.name}.resolved_revision": p.get("revision", LOCAL)
+                                                                 for task, p in zip(self.cfg.tasks, prepared)}))
         # The parent run lists every task's data too (the runs list shows the parents' datasets);
         # MLflow keeps one input per dataset and run, so a rerun adds only appended tasks' data.
         self._tracked(partial(self.tracker.datasets, self.parent, [(task, data[t], split) for t, task in
@@ -212,11 +234,13 @@ class Driver:
         return bank_dir, pending
 
     def _bank_of(self, t: int, start_bank: str | None, trained: dict) -> str:
+        if forget_damaged_training(self.ledger, t, trained, self.progress):
+            trained = self.stage(StageKey("train", t), partial(self._train, t, start_bank), [(t, "train")])
         built = self.stage(StageKey("bank", t), partial(self._bank, t, start_bank, trained["tensors"]))
         if self.expected_bank_sha.get(t, built["sha256"]) != built["sha256"]:
             raise RuntimeError(f"the rebuilt bank of task {t} differs from the one later stages used; "
                                f"start the run again in a new storage folder")
-        self._prune_train_checkpoints(t)
+        prune_train_checkpoints(self.cfg, self.run_dir, t)
         return built["path"]
 
     # -- what each stage runs: a Ray task (ObjectRef) or, for train, the Ray Train run's outputs ---
@@ -229,7 +253,7 @@ class Driver:
     def _evaluate_untrained(self, first: int, child: str | None):
         key = StageKey.baseline(first)
         name = "baseline" if first == 0 else f"baseline-from-task{first}"
-        return stages.evaluate_untrained.options(**self.opts).remote(
+        return stages.evaluate_untrained.options(**self.eval_opts).remote(
             self.cfg, self.base, self.data, str(self.run_dir / "eval" / f"{name}.json"), first,
             str(self.cache / "untrained"), progress=self._progress_file(key))
 
@@ -238,13 +262,14 @@ class Driver:
         return stages.plan.options(**self.opts).remote(self.cfg, t, self.base, parent_bank, self.data[t], plan_dir)
 
     def _evaluate_before(self, t: int, start_bank: str | None, child: str | None):
-        return stages.evaluate_before.options(**self.opts).remote(
+        return stages.evaluate_before.options(**self.eval_opts).remote(
             self.cfg, t, self.base, start_bank, self.data[t], str(self.run_dir / "eval" / f"task{t}.before.json"))
 
     def _train(self, t: int, start_bank: str | None, child: str | None) -> dict:
         tracking = child and {"tracking_uri": self.tracking_uri, "run_id": child}
-        return stages.train(self.cfg, t, self.base, self.data, start_bank, self.run_dir / "ray_train", tracking,
-                            self._progress_file(StageKey("train", t)))
+        tensors = self.run_dir / "trained" / f"task{t}-{self.cfg.tasks[t].name}.safetensors"
+        return stages.train(self.cfg, t, self.base, self.data, start_bank, self.run_dir / "ray_train", tensors,
+                            tracking, self._progress_file(StageKey("train", t)))
 
     def _bank(self, t: int, start_bank: str | None, tensors: str, child: str | None):
         bank_dir = str(self.run_dir / "banks" / f"task{t}-{self.cfg.tasks[t].name}")
@@ -252,7 +277,7 @@ class Driver:
                                                        bank_dir)
 
     def _evaluate(self, t: int, bank_dir: str, child: str | None):
-        return stages.evaluate.options(**self.opts).remote(
+        return stages.evaluate.options(**self.eval_opts).remote(
             self.cfg, t, self.base, bank_dir, self.data, str(self.run_dir / "eval" / f"task{t}.json"),
             progress=self._progress_file(StageKey("evaluate", t)))
 
@@ -385,31 +410,6 @@ class Driver:
                 f"({', '.join(names)}).\n\n**AA {s['AA']:.1f} · BwT {s['BwT']:+.1f} · FwT {s['FwT']:+.1f} · "
                 f"forgetting {s['forgetting']:.1f}**{val}\n\nAccuracy (%, oracle task id); rows: after training each "
                 f"task\n\n{markdown_matrix(test.matrices['oracle'], names[:k], test.baseline)}")
-
-    # -- banks on disk ----------------------------------------------------------------------------
-    def _drop_damaged_banks(self) -> None:
-        """A bank altered or truncated on disk is rebuilt from its train stage's durable tensors.
-
-        The bank stage is deterministic, so the rebuilt bank must hash as the ledger recorded;
-        `_bank_of` checks that against `expected_bank_sha`.
-        """
-        for t in range(len(self.cfg.tasks)):
-            done = self.ledger.outputs(StageKey("bank", t))
-            problem = done and stages.verify_bank(done["path"])
-            if problem:
-                # Train checkpoints are removed once the bank is durable: then the task trains again
-                # (deterministically, from the same parent bank).
-                retrain = not Path(self.ledger.outputs(StageKey("train", t))["tensors"]).exists()
-                self.progress(f"  bank of task {t} is damaged ({problem}); rebuilding it from "
-                              f"{'a new training' if retrain else 'its training output'}")
-                self.expected_bank_sha[t] = done["sha256"]
-                self.ledger.forget([StageKey("train", t)] * retrain + [StageKey("bank", t)])
-            elif done:
-                self._prune_train_checkpoints(t)  # a crash may have come between the bank and the removal
-
-    def _prune_train_checkpoints(self, t: int) -> None:
-        """Task t's bank is durable: its train stage's Ray Train checkpoints are dead state."""
-        shutil.rmtree(self.run_dir / "ray_train" / stages.train_run_name(self.cfg, t), ignore_errors=True)
 
     # -- the report -------------------------------------------------------------------------------
     def _report(self, wall_start: float) -> RunResult:

@@ -83,6 +83,11 @@ class Ledger:
             raise LedgerError(f"{run_dir}: no {LEDGER_FILE} (not a run folder, or the run has not started)")
         return cls(Path(run_dir), json.loads(path.read_text())["config_hash"])
 
+    @property
+    def config_hash(self) -> str:
+        """The identity of the run this folder belongs to (RunConfig.identity_hash)."""
+        return self._data["config_hash"]
+
     def _write(self) -> None:
         atomic_write_text(self.path, json.dumps(self._data, indent=2, sort_keys=True))
 

@@ -19,6 +19,7 @@ from cl_core.atomic import atomic_write_text
 from cl_core.metrics import cl_summary
 from pipelines.config import RunConfig
 from pipelines.run.ledger import BASELINE_PREFIX, LEDGER_FILE, Ledger, LedgerError, StageKey
+from pipelines.credentials import without_credentials
 from pipelines.run.report import accuracy_matrix, format_matrix, matrix_csv, matrix_heatmap
 
 # Where an evaluation's outputs keep each split's rows.
@@ -37,7 +38,9 @@ def find_run(storage: Path, run_id: str) -> Path:
 def read_run(run_dir: Path) -> tuple[RunConfig, Ledger]:
     """A run folder's resolved config and its ledger."""
     cfg = RunConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
-    return cfg, Ledger.read(run_dir)
+    ledger = Ledger.read(run_dir)
+    cfg._recorded_identity = ledger.config_hash  # its files (a DeepSpeed JSON, a model) may be elsewhere now
+    return cfg, ledger
 
 
 def latest_bank(cfg: RunConfig, ledger: Ledger) -> int | None:
@@ -140,5 +143,5 @@ def print_result(result: RunResult, out=sys.stdout) -> None:
             v = result.val_summary[mode]
             print(f"validation: AA {v['AA']:.1f}  BwT {v['BwT']:+.1f}  FwT {v['FwT']:+.1f}  "
                   f"forgetting {v['forgetting']:.1f}", file=out)
-    print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {result.tracking_uri}  "
+    print(f"\nPrecision: {result.precision}\nRun folder: {result.run_dir}\nMLflow store: {without_credentials(result.tracking_uri)}  "
           f"(clpipe ui --storage {result.run_dir.parent})", file=out)

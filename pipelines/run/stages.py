@@ -17,14 +17,15 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from cl_core.atomic import atomic_write_text
-from cl_core.bank import BankError, load_bank
+from cl_core.atomic import atomic_write_bytes, atomic_write_text
+from cl_core.bank import BankError, load_bank, sha256_file
 from cl_core.base_model import ModelSpec, load_tokenizer
 from cl_core.precision import base_settings, resolve_precision
 from cl_core.training import evaluate_task, plan_task, predict_probs, score_probs, task_loss_fn
 from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.run.calibration import save_thresholds, validation_scores
 from pipelines.config import RunConfig
+from pipelines.data.hub import LOCAL, hub_commit, is_hub_model
 from pipelines.data.tasks import load_prepared, prepare_task
 from pipelines.run.progress import StageProgress
 
@@ -46,9 +47,16 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def task_options(cfg: RunConfig) -> dict:
-    """Resources of a prepare/bank/evaluate task: those of one training worker."""
-    return {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if cfg.ray.use_gpu else 0, "max_retries": 1}
+def task_options(cfg: RunConfig, evaluation: bool = False) -> dict:
+    """Resources of a prepare/bank/evaluate task: those of one training worker; an evaluation also
+    the custom resources of `ray.evaluate_resources` (which pins it to the nodes that have them)."""
+    options = {"num_cpus": cfg.ray.cpus_per_worker, "num_gpus": 1 if cfg.ray.use_gpu else 0, "max_retries": 1}
+    return {**options, "resources": cfg.ray.evaluate_resources} if evaluation else options
+
+
+def _spent(start: float) -> dict:
+    """What every stage task reports of its run: its own compute seconds and the Ray node it ran on."""
+    return {"compute_s": time.perf_counter() - start, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 @ray.remote
@@ -60,7 +68,12 @@ def materialize(cfg: RunConfig, cache_root: str) -> dict:
     device = _device(cfg)
     precision = resolve_precision(cfg.training.precision, device)
     spec = materialize_base_model(cfg, Path(cache_root)).model_copy(update=base_settings(precision, device))
-    return {"spec": spec.model_dump(), "precision": precision, "compute_s": time.perf_counter() - start}
+    revision = LOCAL
+    if is_hub_model(spec.kind, spec.path):  # every stage loads the commit the revision names now
+        revision = hub_commit(spec.path, spec.revision, "model")
+        spec = spec.model_copy(update={"revision": revision})
+    return {"spec": spec.model_dump(), "precision": precision, "revision": revision,
+            **_spent(start)}
 
 
 @ray.remote
@@ -70,7 +83,7 @@ def prepare(cfg: RunConfig, task: int, base: ModelSpec, cache_root: str) -> dict
                            cfg.training.seed, cfg.data, Path(cache_root), cfg.eval.validation_examples)
     metrics = {f"data/{split}_{key}": float(v["rows"] if key == "rows" else sum(v["skipped"].values()))
                for split, v in summary["splits"].items() for key in ("rows", "skipped")}
-    return {**summary, "metrics": metrics, "compute_s": time.perf_counter() - start}
+    return {**summary, "metrics": metrics, **_spent(start)}
 
 
 def train_run_name(cfg: RunConfig, task: int) -> str:
@@ -79,9 +92,12 @@ def train_run_name(cfg: RunConfig, task: int) -> str:
 
 
 def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], parent_bank: str | None,
-          storage_path: Path, tracking: dict | None, progress: str | None = None) -> dict:
+          storage_path: Path, tensors_file: Path, tracking: dict | None, progress: str | None = None) -> dict:
     """A Ray Train run of the stage's DeepSpeed loop. Rerunning with the same name and storage
-    resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there."""
+    resumes it from its latest checkpoint; FailureConfig restarts crashed workers from there.
+
+    Ray writes checkpoints without fsync: the final bank tensors are copied durably (atomic write)
+    to `tensors_file`, and their sha256 goes in the ledger for the bank stage to check."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -104,10 +120,13 @@ def train(cfg: RunConfig, task: int, base: ModelSpec, data_paths: list[str], par
     path = Path(result.checkpoint.path)
     if not (path / BANK_TENSORS).exists():
         raise RuntimeError(f"train stage of task {task}: final checkpoint {path} has no {BANK_TENSORS}")
-    return {"checkpoint": str(path), "tensors": str(path / BANK_TENSORS), "steps": result.metrics["steps"],
+    tensors = (path / BANK_TENSORS).read_bytes()
+    atomic_write_bytes(tensors_file, tensors)
+    return {"checkpoint": str(path), "tensors": str(tensors_file),
+            "tensors_sha256": hashlib.sha256(tensors).hexdigest(), "steps": result.metrics["steps"],
             "final_loss": result.metrics["loss"], "resumed_from": result.metrics["resumed_from"],
             "partitioned_params": result.metrics["partitioned_params"],
-            "compute_s": result.metrics["compute_s"]}
+            "compute_s": result.metrics["compute_s"], "node_id": result.metrics.get("node_id")}
 
 
 @ray.remote
@@ -137,7 +156,7 @@ def plan(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, da
                           extra={"task": task, "method": cfg.method.name, "plan": True})
     load_bank(Path(out_dir), model.identity)
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
-            "compute_s": time.perf_counter() - start}
+            **_spent(start)}
 
 
 @ray.remote
@@ -162,7 +181,7 @@ def bank(cfg: RunConfig, task: int, base: ModelSpec, parent_bank: str | None, te
     manifest = model.save(Path(out_dir), parent=parent_bank, extra={"task": task, "method": cfg.method.name})
     load_bank(Path(out_dir), model.identity)  # read back and verify before the ledger says done
     return {"path": out_dir, "sha256": manifest["files"]["bank.safetensors"]["sha256"],
-            "compute_s": time.perf_counter() - start}
+            **_spent(start)}
 
 
 def eval_modes(cfg: RunConfig, method) -> list[str]:
@@ -183,7 +202,7 @@ def evaluate_before(cfg: RunConfig, task: int, base: ModelSpec, bank_dir: str, d
     stage.model.to(_device(cfg))
     out = {split: {mode: _accuracy(stage.model, stage.objective, stage.method, cfg, load_prepared(data_path, split),
                                    mode) for mode in eval_modes(cfg, stage.method)} for split in ("test", "validation")}
-    out = {"rows": out["test"], "validation": out["validation"], "compute_s": time.perf_counter() - start}
+    out = {"rows": out["test"], "validation": out["validation"], **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}
 
@@ -229,7 +248,7 @@ def evaluate(cfg: RunConfig, upto: int, base: ModelSpec, bank_dir: str, data_pat
             done += len(examples)
         rows[mode] = matrix_row(results)
     save_thresholds(Path(bank_dir), cfg, data_paths, chosen)
-    out = {"rows": rows, "validation": validation, "compute_s": time.perf_counter() - start}
+    out = {"rows": rows, "validation": validation, **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the next task)
 
@@ -292,7 +311,7 @@ def evaluate_untrained(cfg: RunConfig, base: ModelSpec, data_paths: list[str], o
         done += len(examples)
         meter.update(done)
     out = {"rows": {"oracle": matrix_row(results)}, "validation": {"oracle": validation_row(validation)},
-           "first": first, "reused": reused, "compute_s": time.perf_counter() - start}
+           "first": first, "reused": reused, **_spent(start)}
     atomic_write_text(Path(out_file), json.dumps(out, indent=2))
     return {**out, "finished_at": time.time()}  # the driver settles it later (it overlaps the first training)
 
@@ -334,3 +353,15 @@ def verify_bank(path: str) -> str | None:
     except BankError as e:
         return str(e)
 
+
+def verify_trained(outputs: dict) -> str | None:
+    """None if a train stage's recorded tensors are on disk as the ledger's sha256 says, else why not."""
+    path = Path(outputs["tensors"])
+    if not path.is_file():
+        return f"{path} is missing"
+    if "tensors_sha256" not in outputs:  # recorded before train outputs had a digest: nothing to compare
+        return None
+    found = sha256_file(path)
+    if found != outputs["tensors_sha256"]:
+        return f"{path}: sha256 {found[:12]}, the ledger recorded {outputs['tensors_sha256'][:12]}"
+    return None

@@ -15,12 +15,14 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cl_core.training import Learner, build_optimizer, to_device
-from pipelines.assembly import build_stage
+from pipelines.assembly import Stage, build_stage
 from pipelines.config import RunConfig
 from pipelines.data.tasks import load_prepared
 from pipelines.run.progress import StageProgress
@@ -53,9 +55,8 @@ def deepspeed_config(cfg: RunConfig, largest_bank_param: int) -> dict:
     parameters). A read outside every layer's forward (MoE-CL's anchor) still needs them
     registered with the learner: see `train_loop`.
     """
-    if cfg.deepspeed.config:
-        ds = json.loads(Path(cfg.deepspeed.config).read_text())
-    else:
+    ds = cfg.deepspeed.settings()  # read where the config was loaded: a worker on another node has no path
+    if ds is None:
         ds = {"zero_optimization": {"stage": cfg.deepspeed.zero_stage}}
     zero = ds.setdefault("zero_optimization", {"stage": cfg.deepspeed.zero_stage})
     if cfg.deepspeed.offload:
@@ -123,11 +124,28 @@ def checkpoint_only_trainable(learner: torch.nn.Module) -> None:
     learner.register_state_dict_post_hook(drop_frozen)
 
 
-def train_loop(config: dict) -> None:
+@dataclass
+class StageRun:
+    """What a train stage's worker holds: its rank, the engine over the stage's learner, and the
+    whole stage's micro batches (`schedule`, indices into `examples`)."""
+
+    cfg: RunConfig
+    task: int
+    rank: int
+    world: int
+    stage: Stage
+    learner: Learner
+    engine: Any
+    zero_stage: int
+    partitioned: int
+    examples: list[dict]
+    schedule: list[list[int]]
+
+
+def build(config: dict) -> StageRun:
+    """The stage's model set up for its task, its DeepSpeed engine, and its micro batches."""
     import deepspeed
     import ray.train
-    import torch.distributed as dist
-    from safetensors.torch import load_file, save_file
 
     skip_shm_jit()
     cfg: RunConfig = config["run_config"]  # validated by the driver, pickled by Ray
@@ -156,47 +174,98 @@ def train_loop(config: dict) -> None:
     earlier = [load_prepared(p, "train") for p in config["data"][:task]] if stage.method.uses_earlier_examples else []
     examples = stage.method.training_examples(task, current, earlier, cfg.training.seed)
     schedule = micro_batches(len(examples), cfg, task, rank, world, n_task=len(current))
+    return StageRun(cfg, task, rank, world, stage, learner, engine, zero_stage, partitioned, examples, schedule)
 
-    start = 0
+
+def restore(run: StageRun) -> tuple[int, dict | None]:
+    """Engine, RNG and method state from Ray Train's latest checkpoint, if any. Returns the step to
+    start at, and the metrics that checkpoint reported when it is the stage's last (the stage is
+    done; it is reported again, e.g. after the durable copy of its tensors was found damaged)."""
+    import ray.train
+    from safetensors.torch import load_file
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=False)
-            start = json.loads((Path(d) / PROGRESS).read_text())["step"]
-            # Method state (e.g. dual_router's EMA) is not a module buffer: restore it from the bank tensors.
-            if (Path(d) / BANK_TENSORS).exists():
-                saved = load_file(str(Path(d) / BANK_TENSORS))
-                stage.model.method_state = {k[6:]: v.to(engine.device) for k, v in saved.items()
+    if not checkpoint:
+        return 0, None
+    with checkpoint.as_directory() as d:
+        run.engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=False)
+        progress = json.loads((Path(d) / PROGRESS).read_text())
+        # Method state (e.g. dual_router's EMA) is not a module buffer: restore it from the bank tensors.
+        if (Path(d) / BANK_TENSORS).exists():
+            saved = load_file(str(Path(d) / BANK_TENSORS))
+            run.stage.model.method_state = {k[6:]: v.to(run.engine.device) for k, v in saved.items()
                                             if k.startswith("state.")}
-            torch.set_rng_state(torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True))
+        torch.set_rng_state(torch.load(Path(d) / f"rng_rank{run.rank}.pt", weights_only=True))
+    finished = progress["step"] == len(run.schedule) and "metrics" in progress
+    return progress["step"], progress["metrics"] if finished else None
 
-    meter = StageProgress(config.get("progress") if rank == 0 else None, len(schedule), "step", first=start)
+
+def step(run: StageRun, index: int) -> tuple[dict, float]:
+    """One micro batch: forward, backward, the engine's step (an optimizer step at the end of an
+    accumulation cycle). Returns its logs (the loss averaged over ranks) and its tokens on all ranks."""
+    import torch.distributed as dist
+
+    step_start = time.perf_counter()
+    stage, engine = run.stage, run.engine
+    batch = to_device(stage.objective.collate([run.examples[i] for i in run.schedule[index]]), engine.device)
+    # The method's costly figures on logged steps; not under ZeRO-3, where their extra backward
+    # would reach base weights already released to their partitions.
+    diagnose = run.zero_stage < 3 and ((index + 1) % LOG_EVERY == 0 or index + 1 == len(run.schedule))
+    loss, logs = engine(batch, diagnose=diagnose)
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
+    engine.step()
+    if boundary:  # an optimizer step happened
+        stage.method.after_step(stage.model)
+    totals = torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])  # over all ranks
+    dist.all_reduce(totals)
+    logs["loss"] = float(totals[0]) / run.world
+    logs["tokens_per_s"] = float(totals[1]) / (time.perf_counter() - step_start)
+    return logs, float(totals[1])
+
+
+def save(run: StageRun, metrics: dict) -> None:
+    """A Ray Train checkpoint of every rank's engine shards and RNG state, and (rank 0) the
+    consolidated bank tensors and the progress with the metrics reported beside it."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        # Collective: every rank writes its shards; Ray merges the ranks' folders.
+        run.engine.save_checkpoint(d, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{run.rank}.pt")
+        tensors = _gathered_bank_tensors(run.engine, run.learner, run.zero_stage)
+        if run.rank == 0:
+            save_file(tensors, str(Path(d) / BANK_TENSORS))
+            (Path(d) / PROGRESS).write_text(json.dumps({"step": metrics["step"], "steps": len(run.schedule),
+                                                        "metrics": metrics}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop(config: dict) -> None:
+    """The stage's loop: build, restore from the latest checkpoint, then step to the end, with a
+    checkpoint every `checkpoint_every` steps and at the last."""
+    import ray.train
+
+    run = build(config)
+    start, finished = restore(run)
+    if finished is not None:
+        with ray.train.get_checkpoint().as_directory() as d:
+            ray.train.report(finished, checkpoint=ray.train.Checkpoint.from_directory(d))
+        return
+    cfg, schedule = run.cfg, run.schedule
+    meter = StageProgress(config.get("progress") if run.rank == 0 else None, len(schedule), "step", first=start)
     tracker = config.get("mlflow")
     client = None
-    if tracker and rank == 0:
+    if tracker and run.rank == 0:
         from mlflow import MlflowClient
         client = MlflowClient(tracker["tracking_uri"])
-    device = engine.device
     every = cfg.training.checkpoint_every
     pending, started, checkpoint_s, tokens = [], time.perf_counter(), 0.0, 0.0
-    for step in range(start, len(schedule)):
-        step_start = time.perf_counter()
-        batch = to_device(stage.objective.collate([examples[i] for i in schedule[step]]), device)
-        # The method's costly figures on logged steps; not under ZeRO-3, where their extra backward
-        # would reach base weights already released to their partitions.
-        diagnose = zero_stage < 3 and ((step + 1) % LOG_EVERY == 0 or step + 1 == len(schedule))
-        loss, logs = engine(batch, diagnose=diagnose)
-        engine.backward(loss)
-        boundary = engine.is_gradient_accumulation_boundary()  # asked before step() advances the count
-        engine.step()
-        if boundary:  # an optimizer step happened
-            stage.method.after_step(stage.model)
-        totals = torch.stack([loss.detach().float(), batch["attention_mask"].sum().float()])  # over all ranks
-        dist.all_reduce(totals)
-        logs["loss"] = float(totals[0]) / world
-        logs["tokens_per_s"] = float(totals[1]) / (time.perf_counter() - step_start)
-        tokens += float(totals[1])
-        done = step + 1
+    for index in range(start, len(schedule)):
+        logs, step_tokens = step(run, index)
+        tokens += step_tokens
+        done = index + 1
         meter.update(done, loss=logs["loss"], tokens_per_s=tokens / (time.perf_counter() - started - checkpoint_s))
         pending.append((done, logs))
         last = done == len(schedule)
@@ -205,20 +274,12 @@ def train_loop(config: dict) -> None:
         if done % LOG_EVERY == 0 or last:
             pending = []
         metrics = {"step": done, "steps": len(schedule), "loss": logs["loss"], "resumed_from": start,
-                   "partitioned_params": partitioned,
+                   "partitioned_params": run.partitioned, "node_id": ray.get_runtime_context().get_node_id(),
                    # Training compute only: checkpoint I/O is orchestration overhead.
                    "compute_s": time.perf_counter() - started - checkpoint_s}
         if done % every == 0 or last:
             checkpoint_start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as d:
-                # Collective: every rank writes its shards; Ray merges the ranks' folders.
-                engine.save_checkpoint(d, tag=ENGINE_TAG, exclude_frozen_parameters=True)
-                torch.save(torch.get_rng_state(), Path(d) / f"rng_rank{rank}.pt")
-                tensors = _gathered_bank_tensors(engine, learner, zero_stage)
-                if rank == 0:
-                    save_file(tensors, str(Path(d) / BANK_TENSORS))
-                    (Path(d) / PROGRESS).write_text(json.dumps({"step": done, "steps": len(schedule)}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            save(run, metrics)
             checkpoint_s += time.perf_counter() - checkpoint_start
         elif done % LOG_EVERY == 0:
             ray.train.report(metrics)

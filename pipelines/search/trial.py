@@ -9,7 +9,6 @@ are reported beside it, never chosen on.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import sys
 import time
@@ -65,12 +64,10 @@ def run_trial(config: dict, ctx: dict) -> None:
             tune.report({"stage": t + 1, "task": t, "tasks": n, "run_id": cfg.run_id,
                          **_partial_scores(rows, t, ctx["weight"])})
 
-    # Two trials with the same params (random/optuna can draw them) share one run folder: one at a time.
-    (trials_dir / cfg.run_id).mkdir(exist_ok=True)
-    with open(trials_dir / cfg.run_id / ".trial.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # ASHA decides on each task's row before the trial trains the next task.
-        result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated, overlap_eval=False).run()
+    # Two trials with the same params (random/optuna can draw them) share one run folder: the second
+    # waits for the first's lease. ASHA decides on each task's row before the trial trains the next task.
+    result = Driver(cfg, trials_dir, progress, on_evaluated=on_evaluated, overlap_eval=False,
+                    wait_for_lease=True).run()
     final, val, scores = result.summary["oracle"], result.val_summary["oracle"], _partial_scores(rows, n - 1, ctx["weight"])
     # `final_score` only in a finished trial's last report: Tune picks the best on it (tune.best_trial).
     tune.report({"stage": n, "task": n - 1, "tasks": n, "run_id": cfg.run_id, **scores, "final_score": scores["score"],

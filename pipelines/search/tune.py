@@ -193,6 +193,7 @@ def run_search(config_path: Path, search_path: Path, storage: Path, overrides: d
 
     from pipelines.config import load_config
     from pipelines.run.driver import check_data, start_ray
+    from pipelines.credentials import without_credentials
     from pipelines.tracking import Tracker, default_tracking_uri
 
     wall = time.perf_counter()
@@ -275,7 +276,7 @@ def run_search(config_path: Path, search_path: Path, storage: Path, overrides: d
               f"(validation AA {best['val_AA']:.1f}  BwT {best['val_BwT']:+.1f}; test AA {best['AA']:.1f}  "
               f"BwT {best['BwT']:+.1f})  run {best_cfg.run_id}")
         print(f"best config: {out_dir / 'best.yaml'}\ntrials: {out_dir / 'trials.csv'}\n"
-              f"MLflow: {tracking_uri} (clpipe ui --storage {storage})   wall {time.perf_counter() - wall:.0f}s")
+              f"MLflow: {without_credentials(tracking_uri)} (clpipe ui --storage {storage})   wall {time.perf_counter() - wall:.0f}s")
         if errors:
             print(f"{len(errors)} trial(s) failed: {', '.join(r['trial'] for r in errors)}; rerun the same command "
                   f"to retry them", file=sys.stderr)

@@ -27,7 +27,7 @@ from cl_core.base_model import ModelSpec
 from cl_core.objectives import collate_prompts, encode_prompt
 from cl_core.precision import base_settings
 from cl_core.training import predict_probs, to_device
-from pipelines.assembly import build_stage
+from pipelines.assembly import build_stage, materialize_base_model
 from pipelines.run.calibration import load_thresholds
 from pipelines.run.ledger import MODEL, Ledger, StageKey
 from pipelines.run.results import latest_bank, read_run
@@ -79,6 +79,23 @@ def cpu_spec(model_outputs: dict) -> ModelSpec:
     return ModelSpec(**model_outputs["spec"]).model_copy(update={"attention": cpu["attention"]})
 
 
+def local_base(cfg: RunConfig, run_dir: Path, spec: ModelSpec) -> ModelSpec:
+    """The run's base model where the run folder is now. A GGUF model was materialized into the
+    storage's cache (pipelines.assembly.materialize_base_model); a run folder moved without that
+    cache materializes it again into the cache beside it, from the configured model."""
+    if spec.kind != "hf" or not Path(spec.path).is_absolute() or Path(spec.path).exists():
+        return spec  # a hub id, or the base is where the ledger says
+    try:
+        found = materialize_base_model(cfg, run_dir.parent / "cache" / "models")
+    except (OSError, ModuleNotFoundError, ValueError) as e:
+        raise PredictError(f"run {cfg.run_id}: its base model {spec.path} is missing (a run folder moved without "
+                           f"the storage's cache/models/), and the configured model {cfg.model.source} cannot be "
+                           f"read here to materialize it again ({e}): copy that folder beside the run folder") from None
+    if not Path(found.path).exists():  # a local model directory that is not here
+        raise PredictError(f"run {cfg.run_id}: its base model {spec.path} is missing: copy it to that path")
+    return found.model_copy(update={"dtype": spec.dtype, "attention": spec.attention})
+
+
 class Predictor:
     """A run's base model + one of its banks, with the bank's decision thresholds.
 
@@ -92,7 +109,8 @@ class Predictor:
             raise PredictError(f"run {cfg.run_id}: its base model stage has not run yet")
         t = bank_task(cfg, ledger, bank_of)
         bank = ledger.outputs(StageKey("bank", t))
-        self._setup(cfg, cpu_spec(ledger.outputs(MODEL)), t, Path(bank["path"]), bank["sha256"])
+        base = local_base(cfg, run_dir, cpu_spec(ledger.outputs(MODEL)))
+        self._setup(cfg, base, t, Path(bank["path"]), bank["sha256"])
         self.run_dir = run_dir
 
     @classmethod
