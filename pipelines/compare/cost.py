@@ -22,12 +22,14 @@ def folder_bytes(path: Path) -> int:
 
 
 def storage_figures(run_dir: Path, tasks: int) -> dict:
-    """Bytes per finished task: the whole run folder, its banks, its evaluation rows; and whether
-    the folder keeps at most 1.2 × its bank bytes plus its evaluation bytes."""
+    """Bytes per finished task: the whole run folder, its banks, the train stages' durable outputs
+    (kept so that a damaged bank is rebuilt without retraining), its evaluation rows; and whether the
+    folder keeps at most 1.2 × its bank and train-output bytes plus its evaluation bytes."""
     per_task = {"storage_per_task_bytes": folder_bytes(run_dir) // tasks,
                 "bank_bytes_per_task": folder_bytes(run_dir / "banks") // tasks,
+                "trained_bytes_per_task": folder_bytes(run_dir / "trained") // tasks,
                 "eval_bytes_per_task": folder_bytes(run_dir / "eval") // tasks}
-    target = 1.2 * per_task["bank_bytes_per_task"] + per_task["eval_bytes_per_task"]
+    target = 1.2 * (per_task["bank_bytes_per_task"] + per_task["trained_bytes_per_task"]) + per_task["eval_bytes_per_task"]
     return {**per_task, "storage_target_met": per_task["storage_per_task_bytes"] <= target}
 
 
