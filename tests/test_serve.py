@@ -174,11 +174,25 @@ def test_serve_answers_as_predict_and_follows_the_run(run, serving):
     assert info["tasks"] == [t.name for t in cfg.tasks] and info["batches"]["items"] == len(bodies)
 
 
-@pytest.mark.parametrize("serving", [{"limits": Limits(max_body_bytes=4096, max_items=8)}], indirect=True)
-def test_serve_limits_and_errors(run, serving):
+@pytest.mark.parametrize("serving", [{"host": "0.0.0.0", "token": "s3cret-token",
+                                      "limits": Limits(max_body_bytes=4096, max_items=8)}], indirect=True)
+def test_serve_off_loopback_needs_the_token_and_keeps_its_limits(run, serving):
     cfg, _, _ = run
-    url, _, _ = serving
+    url, copy, _ = serving
     first, later = cfg.tasks[0].name, cfg.tasks[1].name
+    body = {"text": "w1 w2", "task": first}
+    missing = requests.post(url, json=body, timeout=30)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    assert requests.get(url, timeout=30).status_code == 401
+    docs = requests.get(url + "docs", timeout=30)  # the API page needs no token
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    with pytest.raises(PredictError, match="a bearer token is required"):
+        deploy(copy, host="0.0.0.0", port=_free_port())
+
+    client = requests.Session()  # from here on, with the token
+    client.headers["Authorization"] = "Bearer s3cret-token"
+    assert client.post(url, json=body, timeout=30).status_code == 200
 
     def unprocessable(response, loc):
         assert response.status_code == 422, response.text
@@ -186,44 +200,27 @@ def test_serve_limits_and_errors(run, serving):
         assert body["detail"][0]["loc"] == loc
         return body["error"]
 
-    malformed = requests.post(url, data=b'{"text": "w1 w2", ', headers={"content-type": "application/json"}, timeout=30)
+    malformed = client.post(url, data=b'{"text": "w1 w2", ', headers={"content-type": "application/json"}, timeout=30)
     at = malformed.json()["detail"][0]["loc"][1]  # where the parser stopped: at the end of the 19 bytes
     assert at in (18, 19) and unprocessable(malformed, ["body", at]).startswith(f"request: malformed JSON at character {at}")
-    assert "method moe_cl needs a task id" in unprocessable(requests.post(url, json={"text": "w1 w2"}, timeout=30),
+    assert "method moe_cl needs a task id" in unprocessable(client.post(url, json={"text": "w1 w2"}, timeout=30),
                                                             ["body", "task"])
-    assert unprocessable(requests.post(url, json=[{"text": "w1", "task": first}, {"text": "w1", "task": later}],
-                                       timeout=30), ["body", 1, "task"]).startswith(
+    assert unprocessable(client.post(url, json=[{"text": "w1", "task": first}, {"text": "w1", "task": later}],
+                                     timeout=30), ["body", 1, "task"]).startswith(
         f"request item 1: field 'task': '{later}' is not a task of bank '{first}'")
-    assert unprocessable(requests.post(url, json=[{"text": "w1", "task": first}, {"txt": "w1", "task": first}],
-                                       timeout=30), ["body", 1, "text"]) == "request item 1: field 'text': Field required"
-    too_long = requests.post(url, json=[{"text": "w1 " * 1400, "task": first}], timeout=30)
+    assert unprocessable(client.post(url, json=[{"text": "w1", "task": first}, {"txt": "w1", "task": first}],
+                                     timeout=30), ["body", 1, "text"]) == "request item 1: field 'text': Field required"
+    too_long = client.post(url, json=[{"text": "w1 " * 1400, "task": first}], timeout=30)
     assert too_long.status_code == 413 and "Content Too Large" in too_long.text  # from its Content-Length
-    chunked = requests.post(url, data=iter([b'[{"text": "', b"w1 " * 1400, b'", "task": "' + first.encode() + b'"}]']),
-                            headers={"content-type": "application/json"}, timeout=30)  # no Content-Length
+    chunked = client.post(url, data=iter([b'[{"text": "', b"w1 " * 1400, b'", "task": "' + first.encode() + b'"}]']),
+                          headers={"content-type": "application/json"}, timeout=30)  # no Content-Length
     assert chunked.status_code == 413 and "Content Too Large" in chunked.text
-    many = requests.post(url, json=[{"text": "w1", "task": first}] * 9, timeout=30)
+    many = client.post(url, json=[{"text": "w1", "task": first}] * 9, timeout=30)
     assert many.status_code == 413 and "9 items in one request" in many.json()["detail"]
-    both = requests.post(url, json=[{"text": "w1 w2", "task": first, "id": 3}] * 8, timeout=30)
+    both = client.post(url, json=[{"text": "w1 w2", "task": first, "id": 3}] * 8, timeout=30)
     assert both.status_code == 200 and len(both.json()) == 8 and both.json()[0] == both.json()[7]
     assert both.json()[0]["id"] == 3 and both.headers["x-clpipe-bank"] == first
-    docs = requests.get(url + "docs", timeout=30)
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    assert {"Row", "Answer"} <= set(requests.get(url + "openapi.json", timeout=30).json()["components"]["schemas"])
-
-
-@pytest.mark.parametrize("serving", [{"host": "0.0.0.0", "token": "s3cret-token"}], indirect=True)
-def test_serve_off_loopback_needs_the_token(run, serving):
-    cfg, _, _ = run
-    url, copy, _ = serving
-    body = {"text": "w1 w2", "task": cfg.tasks[0].name}
-    missing = requests.post(url, json=body, timeout=30)
-    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-    assert requests.get(url, timeout=30).status_code == 401
-    assert requests.post(url, json=body, headers={"Authorization": "Bearer s3cret-token"}, timeout=30).status_code == 200
-    assert requests.get(url + "docs", timeout=30).status_code == 200
-    with pytest.raises(PredictError, match="a bearer token is required"):
-        deploy(copy, host="0.0.0.0", port=_free_port())
+    assert {"Row", "Answer"} <= set(client.get(url + "openapi.json", timeout=30).json()["components"]["schemas"])
 
 
 def test_a_bank_that_cannot_load_makes_the_replica_unhealthy(run, serving, tmp_path):

@@ -150,30 +150,32 @@ def grid_search(ray_local, tmp_path_factory):
     from pipelines.search.tune import run_search
 
     tmp = tmp_path_factory.mktemp("grid")
-    run, search = _write(tmp, tiny_run("grid", tasks=2), {"space": GRID, "max_concurrent_trials": 2})
+    # Two parameters, one with a single value: the grid is their product, its trials run side by side.
+    space = {"method.params.experts_per_task": {"grid": [1, 2]}, "method.params.adv_weight": {"grid": [0.1]}}
+    run, search = _write(tmp, tiny_run("grid", tasks=2), {"space": space, "max_concurrent_trials": 2})
     start = time.perf_counter()
     rc = run_search(run, search, tmp / "s")
     return tmp, rc, time.perf_counter() - start
 
 
 @pytest.mark.slow
-def test_grid_search_nests_four_trial_runs_under_one_search_run(grid_search):
+def test_grid_search_nests_its_trial_runs_under_one_search_run(grid_search):
     tmp, rc, _ = grid_search
     assert rc == 0
     rows = _trials_csv(tmp / "s")
-    assert len(rows) == 4 and all(r["state"] == "finished" and r["stages"] == "2/2" for r in rows)
+    assert len(rows) == 2 and all(r["state"] == "finished" and r["stages"] == "2/2" for r in rows)
     client, runs = _mlflow_runs(tmp / "s")
     searches = [r for r in runs if r.data.tags.get("clpipe.kind") == "search"]
     assert len(searches) == 1
     search = searches[0]
     assert search.info.status == "FINISHED" and {"best/val_AA", "best/AA"} <= set(search.data.metrics)
-    assert search.data.params["space.method.params.adv_weight"] == json.dumps({"grid": [0.0, 0.1]})
+    assert search.data.params["space.method.params.experts_per_task"] == json.dumps({"grid": [1, 2]})
     trials = [r for r in runs if r.data.tags.get("clpipe.kind") == "sequence"]
-    assert len(trials) == 4
+    assert len(trials) == 2
     assert all(r.data.tags["mlflow.parentRunId"] == search.info.run_id for r in trials)
     assert all(r.info.status == "FINISHED" for r in trials)
     assert {(r.data.params["method.params.experts_per_task"], r.data.params["method.params.adv_weight"])
-            for r in trials} == {("1", "0.0"), ("1", "0.1"), ("2", "0.0"), ("2", "0.1")}
+            for r in trials} == {("1", "0.1"), ("2", "0.1")}
     assert all({"cl/AA", "cl/BwT", "acc/task0", "acc/task1"} <= set(r.data.metrics) for r in trials)
     stage_parents = {r.data.tags["mlflow.parentRunId"] for r in runs if "clpipe.stage" in r.data.tags}
     assert stage_parents == {r.info.run_id for r in trials}  # stage runs nest under their trial's run
@@ -201,7 +203,7 @@ def test_rerun_of_a_finished_search_runs_no_trial(grid_search, capsys):
     tmp, _, _ = grid_search
     configs = sorted((tmp / "s" / "trials").glob("grid-trial-*/config.yaml"))
     before = {p: p.stat().st_mtime_ns for p in configs}
-    assert len(before) == 4
+    assert len(before) == 2
     assert run_search(tmp / "run.yaml", tmp / "search.yaml", tmp / "s") == 0
     out = capsys.readouterr().out
     assert "resuming the search" in out
@@ -209,7 +211,7 @@ def test_rerun_of_a_finished_search_runs_no_trial(grid_search, capsys):
     assert {p: p.stat().st_mtime_ns for p in configs} == before  # no Driver ran again
     _, runs = _mlflow_runs(tmp / "s")
     assert sum(r.data.tags.get("clpipe.kind") == "search" for r in runs) == 1
-    assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 4
+    assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 2
 
 
 @pytest.mark.slow
@@ -218,12 +220,12 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, tmp_path):
 
     # One trial at a time, the good learning rate first: ASHA has its result at stage 1 when the
     # other (lr 1e-7: the bank stays where it started) reports its stage 1.
-    run, search = _write(tmp_path, tiny_run("asha", tasks=3),
+    run, search = _write(tmp_path, tiny_run("asha", tasks=2),
                          {"space": {"training.lr": {"grid": [0.01, 1.0e-7]}}, "scheduler": "asha",
                           "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1})
     assert run_search(run, search, tmp_path / "s") == 0
     rows = {float(r["training.lr"]): r for r in _trials_csv(tmp_path / "s")}
-    assert rows[0.01]["state"] == "finished" and rows[0.01]["stages"] == "3/3"
+    assert rows[0.01]["state"] == "finished" and rows[0.01]["stages"] == "2/2"
     assert rows[1e-7]["state"] == "stopped@1", rows
     assert float(rows[1e-7]["AA"]) < float(rows[0.01]["AA"])
     ledger = json.loads((tmp_path / "s" / "trials" / rows[1e-7]["run_id"] / "ledger.json").read_text())["stages"]
@@ -234,30 +236,6 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, tmp_path):
                and r.data.tags.get("clpipe.kind") == "sequence"]
     assert stopped[0].info.status == "KILLED" and stopped[0].data.tags["clpipe.tune_state"] == "stopped@1"
     assert not [r for r in runs if r.info.status == "RUNNING"]
-
-
-@pytest.mark.slow
-def test_search_picks_on_validation_not_on_test(ray_local, tmp_path):
-    """A planted trial that is better on the test split and worse on validation is not picked: the
-    task's test file answers with the labels swapped, so the trial that learns (lr 0.01: high on
-    validation, rows of the train file) is worse on test than the one that learns nothing (lr 1e-7)."""
-    from cl_core.synthetic import synthetic_rows
-    from pipelines.search.tune import run_search
-
-    labels = ["w1", "w2"]
-    train, test = synthetic_rows(0, labels, 100, seed=0), synthetic_rows(0, labels, 24, seed=1)
-    swapped = [{**r, "label": labels[1 - labels.index(r["label"])]} for r in test]
-    for name, rows in (("train", train), ("test", swapped)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = tiny_run("planted", tasks=1)
-    base["tasks"][0]["data"] = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
-    run, search = _write(tmp_path, base, {"space": {"training.lr": {"grid": [0.01, 1.0e-7]}}, "max_concurrent_trials": 2})
-    assert run_search(run, search, tmp_path / "s") == 0
-    rows = {float(r["training.lr"]): r for r in _trials_csv(tmp_path / "s")}
-    learned, idle = rows[0.01], rows[1e-7]
-    assert float(learned["val_AA"]) > float(idle["val_AA"]) + 20  # better on validation ...
-    assert float(learned["AA"]) < float(idle["AA"]) - 20  # ... and worse on test: the planted trial is `idle`
-    assert load_config(next((tmp_path / "s").glob("*-search-*/best.yaml"))).training.lr == 0.01
 
 
 def _terminated_trials(experiment: Path) -> set[str]:
@@ -272,10 +250,27 @@ def _terminated_trials(experiment: Path) -> set[str]:
     return {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
 
 
+def _planted_run(tmp_path: Path) -> dict:
+    """A one-task run whose test file answers with the labels swapped: the trial that learns (high
+    on validation, rows of the train file) is worse on test than one that learns nothing."""
+    from cl_core.synthetic import synthetic_rows
+
+    labels = ["w1", "w2"]
+    train, test = synthetic_rows(0, labels, 100, seed=0), synthetic_rows(0, labels, 24, seed=1)
+    swapped = [{**r, "label": labels[1 - labels.index(r["label"])]} for r in test]
+    for name, rows in (("train", train), ("test", swapped)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tiny_run("planted", tasks=1)
+    run["tasks"][0]["data"] = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}
+    return run
+
+
 @pytest.mark.slow
-def test_killed_search_keeps_its_finished_trials(tmp_path):
-    run, search = _write(tmp_path, tiny_run("kill", tasks=1),
-                         {"space": {"training.lr": {"grid": [0.01, 0.02]}}, "max_concurrent_trials": 1})
+def test_killed_search_keeps_its_finished_trials_and_picks_on_validation_not_on_test(tmp_path):
+    """The CLI killed once a trial has finished, then run again: the finished trial does not run
+    again. The planted trial (lr 1e-7: better on test, worse on validation) is not picked."""
+    run, search = _write(tmp_path, _planted_run(tmp_path),
+                         {"space": {"training.lr": {"grid": [0.01, 1.0e-7]}}, "max_concurrent_trials": 1})
     storage = tmp_path / "s"
     cmd = CLPIPE + ["tune", str(run), str(search), "--storage", str(storage)]
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -294,7 +289,7 @@ def test_killed_search_keeps_its_finished_trials(tmp_path):
         first_output = proc.communicate()[0]
     assert len(finished) == 1, first_output[-3000:]
     (done_id,) = finished
-    trial_configs = {p: p.stat().st_mtime_ns for p in (storage / "trials").glob("kill-trial-*/config.yaml")}
+    trial_configs = {p: p.stat().st_mtime_ns for p in (storage / "trials").glob("planted-trial-*/config.yaml")}
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -308,3 +303,8 @@ def test_killed_search_keeps_its_finished_trials(tmp_path):
     _, runs = _mlflow_runs(storage)
     assert sum(r.data.tags.get("clpipe.kind") == "search" for r in runs) == 1
     assert sum(r.data.tags.get("clpipe.kind") == "sequence" for r in runs) == 2
+    by_lr = {float(r["training.lr"]): r for r in rows}
+    learned, idle = by_lr[0.01], by_lr[1e-7]
+    assert float(learned["val_AA"]) > float(idle["val_AA"]) + 20  # better on validation ...
+    assert float(learned["AA"]) < float(idle["AA"]) - 20  # ... and worse on test: the planted trial is `idle`
+    assert load_config(next(storage.glob("*-search-*/best.yaml"))).training.lr == 0.01
