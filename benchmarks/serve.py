@@ -12,7 +12,8 @@ run. The texts are the tasks' test texts, in turn, each with its task. Then:
   requests' texts at once (batches of `eval.batch_size`, grouped by task);
 - over HTTP to one Serve replica with as many CPUs as a training worker: `--one-client` requests
   one after the other (p50, p99), then `--requests` requests from `--concurrency` client threads
-  (requests/s, p50, p99, the replica's mean batch).
+  (requests/s, p50, p99, the replica's mean batch, and the share of the machine's cores the client
+  threads themselves used: on one machine they compete with the server).
 
 Prints one JSON object on its last line; `goals` compares p50 at one client with 1.5 × the
 in-process latency of one text, and the throughput at `--concurrency` clients with 0.8 × predict's.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,16 +98,18 @@ def over_http(url: str, bodies: list[dict], single: int, concurrency: int) -> di
         status = requests.post(url, json=body, timeout=300).status_code
         return (time.perf_counter() - sent) * 1000, status
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(post, bodies))
-    wall = time.perf_counter() - start
+    wall, client_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     after = session.get(url, timeout=60).json()["batches"]
     loaded = [ms for ms, _ in results]
     return {"p50_ms_1_client": _ms(alone, 50), "p99_ms_1_client": _ms(alone, 99),
             f"requests_per_s_{concurrency}_clients": round(len(bodies) / wall, 2),
             f"p50_ms_{concurrency}_clients": _ms(loaded, 50), f"p99_ms_{concurrency}_clients": _ms(loaded, 99),
             f"batch_mean_{concurrency}_clients": round((after["items"] - before["items"]) / (after["count"] - before["count"]), 2),
+            # The clients share this machine with the server: the share of its cores they took.
+            f"client_cpu_share_{concurrency}_clients": round(client_cpu_s / (wall * os.cpu_count()), 3),
             "failed": sum(status != 200 for _, status in results)}
 
 
