@@ -21,6 +21,7 @@ Test figures are summarised beside them and read by no rule.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def summarise(method: str) -> dict:
 
 
 def main() -> None:
+    # No options: --help shows the rules above, and a stray argument is refused rather than ignored.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     summary = {method: summarise(method) for method in SWEEPS}
     atomic_write_text(RESULTS / "method_selection_summary.json", json.dumps(summary, indent=1))
     for method, entry in summary.items():
