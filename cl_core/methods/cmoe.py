@@ -203,14 +203,19 @@ def probe_layers(model: ContinualModel, task: int, batches: Callable[[], Iterabl
 
 # -- the method ----------------------------------------------------------------------------------
 class CMoEParams(MethodParams):
-    probe_share: float = Field(0.1, gt=0, le=1)
-    probe_epochs: int = Field(2, ge=1)
-    probe_lr: float = Field(1e-2, gt=0)
-    balance_weight: float = Field(0.01, ge=0)
-    probe_cost: float = Field(0.3, ge=0)
-    alpha: float = 1.0
-    min_share: float | None = Field(None, ge=0, lt=1)
-    var_floor: float = Field(0.01, gt=0)
+    probe_share: float = Field(0.1, gt=0, le=1, description="share of the task's training batches the probe trains "
+                               "and counts on (every round(1 / share)-th batch)")
+    probe_epochs: int = Field(2, ge=1, description="passes of the probe over those batches")
+    probe_lr: float = Field(1e-2, gt=0, description="AdamW learning rate of the probe experts and their gates")
+    balance_weight: float = Field(0.01, ge=0, description="weight of the Switch load-balancing loss on the probe gates")
+    probe_cost: float = Field(0.3, ge=0, description="weight of the probe's mean gate probability in the probe loss "
+                              "(the probe pays for the tokens it takes)")
+    alpha: float = Field(1.0, description="a layer expands where its probe share exceeds mean − alpha · std over "
+                         "the layers (and the floor)")
+    min_share: float | None = Field(None, ge=0, lt=1, description="the floor a layer's probe share must exceed to "
+                                    "expand (null: 1 / the experts in its probe gate)")
+    var_floor: float = Field(0.01, gt=0, description="task locator: each task's variance is raised by this times its "
+                             "mean over dimensions")
 
 
 @register(CMoEParams)

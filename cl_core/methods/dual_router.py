@@ -60,11 +60,13 @@ def key_name(task: int) -> str:
 
 
 class DualRouterParams(MethodParams):
-    shared_experts: int = Field(1, ge=0)
-    m_shared: float = Field(0.99, ge=0, lt=1)
-    m_task: float = Field(0.5, ge=0, lt=1)
-    key_weight: float = Field(1.0, ge=0)
-    temperature: float = Field(8.0, gt=0)
+    shared_experts: int = Field(1, ge=0, description="shared experts per layer, added at the first task")
+    m_shared: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the shared experts per optimizer step "
+                            "(higher: slower)")
+    m_task: float = Field(0.5, ge=0, lt=1, description="EMA momentum of the training task's experts per optimizer step")
+    key_weight: float = Field(1.0, ge=0, description="weight of the task key's loss (pull towards its task's queries "
+                              "plus cross-entropy over the keys); 0: keys stay where they start")
+    temperature: float = Field(8.0, gt=0, description="scale of the key cosines in that cross-entropy")
 
 
 @register(DualRouterParams)

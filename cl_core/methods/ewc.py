@@ -29,7 +29,7 @@ PREFIX = "ewc."
 
 class EWCParams(MethodParams):
     # The λ sweep on order1 and its choice: docs/methods.md, EWC.
-    lam: float = Field(1000.0, ge=0)
+    lam: float = Field(1000.0, ge=0, description="weight of the Fisher penalty lam · Σ F (θ − θ*)² on later tasks")
 
 
 @register(EWCParams)

@@ -39,8 +39,10 @@ def key_tasks(layer) -> list[int]:
 
 
 class MoCLParams(MethodParams):
-    match_weight: float = Field(1.0, ge=0)
-    key_scale: float = Field(0.01, gt=0)
+    match_weight: float = Field(1.0, ge=0, description="weight of the key loss 1 − cos(query, own task's key), mean "
+                                "over layers")
+    key_scale: float = Field(0.01, gt=0, description="a new task's keys start at the router's init times this "
+                             "(small keys turn faster; 1: the init)")
 
 
 @register(MoCLParams)

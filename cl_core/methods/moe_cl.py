@@ -81,22 +81,38 @@ def freeze_earlier_tasks(model: ContinualModel, task: int) -> None:
 
 
 class MoECLParams(MethodParams):
-    adv_weight: float = Field(0.1, ge=0)
-    adv_warmup_steps: int = Field(4, ge=0)
-    feature_memory: int = Field(64, ge=0)  # pooled FFN inputs kept per earlier task and layer
-    shared_lr_scale: float = Field(1.0, gt=0)
-    shared_weight_decay: float = Field(0.0, ge=0)
-    shared_anchor: Literal["none", "l2", "fisher"] = "fisher"
-    shared_anchor_weight: float = Field(10.0, ge=0)
+    adv_weight: float = Field(0.1, ge=0, description="weight of the shared expert's loss against the discriminators "
+                              "(KL from uniform); 0: no adversarial game")
+    adv_warmup_steps: int = Field(4, ge=0, description="optimizer steps at a task's start over which that weight ramps "
+                                  "up from 0")
+    feature_memory: int = Field(64, ge=0, description="pooled FFN inputs kept per earlier task and layer for the "
+                                "discriminators (vectors, no text)")
+    shared_lr_scale: float = Field(1.0, gt=0, description="the shared experts' learning rate over the others'")
+    shared_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the shared experts (the others "
+                                       "have none)")
+    shared_anchor: Literal["none", "l2", "fisher"] = Field(
+        "fisher", description="pull of the shared expert towards its earlier values: none, unweighted (l2) or "
+        "Fisher-weighted")
+    shared_anchor_weight: float = Field(10.0, ge=0, description="weight of that pull")
     # "new_labels" is the label rule (it compares label names); "loss_rise" needs "fisher"
-    shared_anchor_on: Literal["every_task", "loss_rise", "new_labels"] = "loss_rise"
-    shared_inference: Literal["current", "snapshot"] = "current"
-    snapshot_choice: Literal["estimate", "memory"] = "memory"
-    choice_memory: int = Field(16, ge=0)  # training rows kept per task to choose snapshots (never trained on)
-    shared_ema: float = Field(0.0, ge=0, lt=1)  # decay per optimizer step; 0 = no moving average
-    shared_experts: int = Field(1, ge=1)  # the discriminator reads the shared expert
-    experts_per_task: int = Field(1, ge=1)
-    max_tasks: int = Field(16, ge=1)
+    shared_anchor_on: Literal["every_task", "loss_rise", "new_labels"] = Field(
+        "loss_rise", description="when it pulls: on every task; towards each earlier task whose estimated loss rose "
+        "(with fisher); or only while a task with new label names trains")
+    shared_inference: Literal["current", "snapshot"] = Field(
+        "current", description="current: every task answers through the current shared expert (the paper); "
+        "snapshot: a task may answer from the shared expert as it left it")
+    snapshot_choice: Literal["estimate", "memory"] = Field(
+        "memory", description="under snapshot inference, which tasks answer from their snapshot: memory (their "
+        "remembered rows' loss rose) or estimate (second-order loss change above 0)")
+    choice_memory: int = Field(16, ge=0, description="under snapshot inference, training rows per task held out of "
+                               "training to choose snapshots")
+    shared_ema: float = Field(0.0, ge=0, lt=1, description="decay per optimizer step of a moving average of the "
+                              "shared experts, written into them after the task; 0: none")
+    shared_experts: int = Field(1, ge=1, description="shared experts per layer, added at the first task (what the "
+                                "discriminators read)")
+    experts_per_task: int = Field(1, ge=1, description="new task experts per layer for each task")
+    max_tasks: int = Field(16, ge=1, description="the most tasks a run holds; a longer sequence is refused when the "
+                           "config is read")
 
     @model_validator(mode="after")
     def _consistent(self):

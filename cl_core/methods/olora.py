@@ -48,8 +48,9 @@ def olora_terms(model: ContinualModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class OLoRAParams(MethodParams):
-    lam_orth: float = Field(0.5, ge=0)
-    lam_l2: float = Field(0.0, ge=0)
+    lam_orth: float = Field(0.5, ge=0, description="weight of the orthogonality penalty Σ ‖A_t A_sᵀ‖²_F against the "
+                            "earlier tasks' LoRAs")
+    lam_l2: float = Field(0.0, ge=0, description="weight of the squared L2 norm of the training task's LoRA")
 
 
 @register(OLoRAParams)

@@ -32,7 +32,8 @@ def replay_buffer(examples: list[dict], size: int, seed: int, task: int) -> list
 
 
 class ReplayParams(MethodParams):
-    buffer_share: float = Field(0.1, gt=0, le=1)  # of each earlier task's training set
+    buffer_share: float = Field(0.1, gt=0, le=1, description="share of each earlier task's training set kept and "
+                                "mixed in (at least one example)")
 
 
 @register(ReplayParams)

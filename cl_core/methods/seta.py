@@ -152,12 +152,17 @@ def router_inputs(model: ContinualModel, batches, loss_fn, per_layer: int, seed:
 
 
 class SETAParams(MethodParams):
-    shared_experts: int = Field(1, ge=1)  # the anchored experts
-    anchor_lambda: float = Field(1.0, ge=0)  # 1: the penalty is the size of the task loss (see above)
-    router_weight: float = Field(10.0, ge=0)
-    router_memory: int = Field(64, ge=1)  # stored prompt tokens, and decision positions, per task and layer
-    shared_lr_scale: float = Field(0.3, gt=0)  # the shared experts' and rows' learning rate over the others'
-    split_share: float = Field(0.5, ge=0)  # a shared expert splits for a task whose share of it is at least this
+    shared_experts: int = Field(1, ge=1, description="shared (anchored) experts per layer, added at the first task")
+    anchor_lambda: float = Field(1.0, ge=0, description="weight of the elastic anchor on the shared parameters (1: "
+                                 "moving them as far again as a task did costs that task's loss)")
+    router_weight: float = Field(10.0, ge=0, description="weight of the KL term keeping earlier tasks' stored tokens "
+                                 "on the gates they had")
+    router_memory: int = Field(64, ge=1, description="prompt tokens, and as many decision positions, stored per task "
+                               "and layer for that term")
+    shared_lr_scale: float = Field(0.3, gt=0, description="the shared experts' and router rows' learning rate over "
+                                   "the others'")
+    split_share: float = Field(0.5, ge=0, description="a shared expert splits for a task whose share of it (Fisher "
+                               "cosine) is at least this; above 1: never")
 
 
 @register(SETAParams)
