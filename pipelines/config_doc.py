@@ -4,7 +4,7 @@ methods' parameter models, so that the reference cannot drift from what `clpipe 
     python -m pipelines.config_doc [--repo .]
 
 A test regenerates the page in memory and fails when the committed one differs or when a field
-of the run config has no description.
+of the run config or of a registered method's parameters has no description.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from cl_core.atomic import atomic_write_text
-from cl_core.methods import METHODS
+from cl_core.methods import METHODS, MethodParams, RegisteredMethod
 from pipelines.config import RunConfig
 from pipelines.overrides import section_step
 
@@ -84,10 +85,19 @@ def field_table(model: type[BaseModel], path: str = "") -> list[str]:
     return rows
 
 
-def missing_descriptions(root: type[BaseModel] = RunConfig) -> list[str]:
-    """Fields of the config (and its sections) without a description, as dotted paths."""
-    return [f"{path}.{name}".lstrip(".") for path, model in sections(root)
-            for name, field in model.model_fields.items() if not field.description]
+def method_param_models(methods: Mapping[str, RegisteredMethod] = METHODS) -> list[tuple[str, type[MethodParams]]]:
+    """(method name, its parameter model) of every registered method, by name: the page's order."""
+    return [(name, methods[name].params) for name in sorted(methods)]
+
+
+def missing_descriptions(root: type[BaseModel] = RunConfig,
+                         methods: Mapping[str, RegisteredMethod] = METHODS) -> list[str]:
+    """Fields without a description, as dotted paths: of the config (and its sections), then of
+    each method's parameters, as `method.params[<method>].<field>`."""
+    missing = [f"{path}.{name}".lstrip(".") for path, model in sections(root)
+               for name, field in model.model_fields.items() if not field.description]
+    return missing + [f"method.params[{method}].{name}" for method, params in method_param_models(methods)
+                      for name, field in params.model_fields.items() if not field.description]
 
 
 def config_doc() -> str:
@@ -106,8 +116,7 @@ def config_doc() -> str:
     text += ["## `method.params` per method", "",
              "Each method's parameters, checked when the config is read (an unknown one is an error). "
              "What they do: docs/methods.md.", ""]
-    for name in sorted(METHODS):
-        params = METHODS[name].params
+    for name, params in method_param_models():
         text += [f"### `{name}`", ""]
         text += field_table(params) if params.model_fields else ["No parameters."]
         text.append("")
