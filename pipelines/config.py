@@ -316,13 +316,13 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _fits_capacity(self):
-        # A method parameter `max_tasks` (MoE-CL's discriminator outputs) fixes, when the run starts,
-        # how many tasks its bank holds: a longer sequence is refused here, before any compute.
+        # A method parameter `max_tasks` (MoE-CL's cap on task indices) is part of the run's identity:
+        # a sequence longer than it is refused here, before any compute.
         capacity = getattr(self.method.build().params, "max_tasks", None)
         if capacity is not None and len(self.tasks) > capacity:
             raise ValueError(f"method.params.max_tasks: {self.method.name} holds at most {capacity} tasks and the "
                              f"sequence has {len(self.tasks)} (tasks[{capacity}] {self.tasks[capacity].name!r} does "
-                             f"not fit); a larger max_tasks is a new run (it sizes the bank from the first task)")
+                             f"not fit); a larger max_tasks is a new run (method parameters are part of its identity)")
         return self
 
     def identity_hash(self) -> str:
