@@ -116,6 +116,36 @@ def test_the_selection_summary_pairs_each_variant_with_the_references_on_both_sp
     assert f"vs_{free}" not in out[f"s/{free}"] and "vs_seq_lora" not in out["s/seq_lora"]
 
 
+def test_the_selection_rule_waits_for_every_candidate_then_needs_snapshots_to_beat_their_paper_form():
+    from pipelines.compare import moe_cl_selection as sel
+    from pipelines.compare.docs import selection_choice
+
+    def rows(aa_by_label: dict[str, list[float]]) -> list[dict]:
+        return [{"label": label, "sequence": sequence, "seed": seed,
+                 "validation": {"oracle": {"AA": aa, "BwT": 0.0}}, "test": {"oracle": {"AA": 99.0, "BwT": 0.0}}}
+                for label, values in aa_by_label.items() for (sequence, seed), aa in zip(sel.CHOICE_RUNS, values)]
+
+    assert sel.candidates() == ["free+mem16", "free+mem16@paper", "loss_rise10+mem16", "loss_rise10+mem16@paper",
+                                "fisher10"]
+    flat = {label: [60.0] * 4 for label in sel.candidates()}
+    waiting = sel.choice(rows({**flat, "fisher10": [70.0] * 3}))
+    assert waiting == {"chosen": None, "waiting_for": {"fisher10": ["multiemo seed 1"]}}
+    assert "`fisher10`: multiemo seed 1" in selection_choice({"choice": waiting})[0]
+
+    # the references never win, however high: sequential LoRA and the label rule
+    noisy = sel.choice(rows({**flat, "seq_lora": [90.0] * 4, "label_rule": [90.0] * 4,
+                             "loss_rise10+mem16": [70.0, 62.0, 75.0, 61.0]}))  # best, but its lead is not sure
+    assert noisy["highest"] == "loss_rise10+mem16" and noisy["chosen"] == "loss_rise10+mem16@paper"
+    assert noisy["snapshots_vs_paper"]["per_run"] == [10.0, 2.0, 15.0, 1.0] and noisy["snapshots_vs_paper"]["ci95"][0] < 0
+    assert noisy["params"]["shared_inference"] == "current" and noisy["params"]["shared_anchor_on"] == "loss_rise"
+
+    sure = sel.choice(rows({**flat, "free+mem16": [70.0, 71.0, 72.0, 70.5]}))
+    assert sure["chosen"] == "free+mem16" and sure["snapshots_vs_paper"]["ci95"][0] > 0
+    assert sure["params"]["shared_inference"] == "snapshot" and sure["mean_validation_AA"]["free+mem16"] == 70.88
+    assert sel.choice(rows({**flat, "fisher10": [61.0] * 4}))["chosen"] == "fisher10"  # no paper form to beat
+    assert "Chosen on validation: `free+mem16`" in selection_choice({"choice": sure})[0]
+
+
 def test_an_inference_variant_answers_with_the_same_training_and_gets_its_own_row(data, tmp_path):
     results = in_process.Results(tmp_path / "r.json", BUDGET, 10)
     params = {"shared_anchor": "none", "shared_inference": "snapshot", "choice_memory": 4}

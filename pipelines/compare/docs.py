@@ -59,6 +59,24 @@ def sweep(data: dict) -> list[str]:
     return lines + table(trials, params + measures)
 
 
+def in_process_record(row: dict) -> dict:
+    """An in-process run (pipelines.compare.in_process): AA and BwT on each split, task id given
+    (`oracle`) and, where the method locates the task, without it (`inferred`)."""
+    record = {k: row[k] for k in ("label", "sequence", "seed", "wall_s")}
+    for mode, tag in (("oracle", ""), ("inferred", " no id")):
+        for split, short in (("validation", "val"), ("test", "test")):
+            for measure in ("AA", "BwT"):
+                if mode in row[split]:
+                    record[f"{short} {measure}{tag}"] = row[split][mode][measure]
+    return record
+
+
+def in_process_runs(data: dict) -> list[str]:
+    records = [in_process_record(row) for row in data["runs"]]
+    columns = list(dict.fromkeys(c for r in records for c in r))
+    return ["Validation (what a choice reads) and test (reported only).", ""] + table(records, columns)
+
+
 def runs_table(data: dict) -> list[str]:
     """A study's runs (a list, or a dict by variant) and its paired differences, where it has them."""
     runs = data["runs"]
@@ -91,7 +109,22 @@ def prompt_lengths(data: dict) -> list[str]:
     return [head, ""] + table(records, ["task", "prompts", "cut_share", "median_text_tokens"])
 
 
+def selection_choice(data: dict) -> list[str]:
+    """A selection's summary: the choice its rule made on validation, or the runs it waits for."""
+    choice = data["choice"]
+    if choice["chosen"] is None:
+        waiting = "; ".join(f"`{label}`: {', '.join(runs)}" for label, runs in choice["waiting_for"].items())
+        return [f"Nothing chosen yet: the rule waits for {waiting}."]
+    means = [{"candidate": label, "mean validation AA": aa} for label, aa in choice["mean_validation_AA"].items()]
+    return ([f"Chosen on validation: `{choice['chosen']}` ({choice['method']}, `{json.dumps(choice['params'])}`).", ""]
+            + table(means, ["candidate", "mean validation AA"]))
+
+
 def other_result(data) -> list[str]:
+    if isinstance(data, dict) and "choice" in data:
+        return selection_choice(data)
+    if isinstance(data, dict) and isinstance(data.get("runs"), list) and data["runs"] and "validation" in data["runs"][0]:
+        return in_process_runs(data)
     if isinstance(data, dict) and "prompt_lengths" in data:
         return prompt_lengths(data)
     if isinstance(data, dict) and ("trials" in data or "trials_done" in data):

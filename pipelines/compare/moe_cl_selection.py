@@ -1,9 +1,12 @@
-"""MoE-CL's retention variants and the summary that pairs them on validation and test, for
-`benchmarks.moe_cl_shared` (its docstring says how the choice is made)."""
+"""MoE-CL's retention variants, the summary that pairs them on validation and test, and the choice
+of the default by the rule stated in docs/methods.md (MoE-CL), for `benchmarks.moe_cl_shared`."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipelines.compare import in_process
+from pipelines.compare.stats import t_interval
 
 # MoE-CL's retention parameters, spelled out in full, so that a change of its defaults does not
 # change what a name ran. "+mem16" trains with snapshot experts and 16 remembered rows per task
@@ -24,6 +27,8 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
                               "shared_anchor_weight": 10.0}, None),
 }
 REFERENCES = ("seq_lora", "free+mem16@paper")
+NOT_CANDIDATES = ("seq_lora", "label_rule")  # a reference, and the rule that reads label names
+CHOICE_RUNS = [(sequence, seed) for sequence in ("order1", "multiemo") for seed in (0, 1)]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -44,3 +49,37 @@ def summary(rows: list[dict]) -> dict:
                                           for split in ("validation", "test")}
             out[f"{sequence}/{label}"] = entry
     return out
+
+
+def candidates() -> list[str]:
+    """Every row label the choice reads: each variant but the two references, and its paper form."""
+    return [name for label, (_, _, inference) in VARIANTS.items() if label not in NOT_CANDIDATES
+            for name in [label] + [f"{label}@{form}" for form in inference or {}]]
+
+
+def choice(rows: list[dict]) -> dict:
+    """The default by the rule, read on validation AA only: the candidate with the highest mean over
+    the four (sequence, seed) runs; one that answers through snapshots stands only where it beats its
+    own training's paper form by a paired 95% t-interval over those runs that excludes 0, else that
+    paper form stands. None until every candidate has its four runs."""
+    aa = {}
+    for row in rows:
+        aa.setdefault(row["label"], {})[(row["sequence"], row["seed"])] = row["validation"]["oracle"]["AA"]
+    waiting = {label: [f"{s} seed {seed}" for s, seed in CHOICE_RUNS if (s, seed) not in aa.get(label, {})]
+               for label in candidates()}
+    waiting = {label: runs for label, runs in waiting.items() if runs}
+    if waiting:
+        return {"chosen": None, "waiting_for": waiting}
+    means = {label: round(float(np.mean([aa[label][run] for run in CHOICE_RUNS])), 2) for label in candidates()}
+    best = max(means, key=means.get)
+    out = {"mean_validation_AA": means, "highest": best}
+    paper = f"{best}@paper"
+    if paper in means:  # the best answers through snapshots: it has to beat its paper form
+        differences = [aa[best][run] - aa[paper][run] for run in CHOICE_RUNS]
+        low, high = t_interval(differences)
+        out["snapshots_vs_paper"] = {"per_run": [round(d, 2) for d in differences], "ci95": [round(low, 2), round(high, 2)]}
+        best = best if low > 0 else paper
+    trained_as = best.split("@")[0]
+    method, params, inference = VARIANTS[trained_as]
+    chosen_params = {**params, **(inference or {}).get(best.partition("@")[2], {})}
+    return {"chosen": best, "method": method, "params": chosen_params, **out}
