@@ -146,6 +146,23 @@ def test_the_selection_rule_waits_for_every_candidate_then_needs_snapshots_to_be
     assert "Chosen on validation: `free+mem16`" in selection_choice({"choice": sure})[0]
 
 
+def test_the_game_pairs_each_row_with_its_no_gan_twin_seed_by_seed():
+    from pipelines.compare.moe_cl_selection import NO_GAME, game_pairs
+
+    def row(label, seed, aa):
+        return {"label": label, "sequence": "s", "seed": seed,
+                "validation": {"oracle": {"AA": aa, "BwT": 0.0}}, "test": {"oracle": {"AA": aa - 1, "BwT": 0.0}}}
+
+    rows = [row("v", s, 70.0 + s) for s in range(5)] + [row("v" + NO_GAME, s, 68.0) for s in range(4)]
+    rows += [row("v@paper", 0, 60.0), row(f"v{NO_GAME}@paper", 0, 61.0), row("lonely", 0, 50.0)]
+    out = game_pairs(rows)
+    assert set(out) == {"s/v", "s/v@paper"}  # a twin's own rows and a row without a twin pair with nothing
+    assert out["s/v"]["validation"]["AA"]["seeds"] == [0, 1, 2, 3]  # seed 4 has no twin yet
+    assert out["s/v"]["validation"]["AA"]["per_seed"] == [2.0, 3.0, 4.0, 5.0]
+    assert out["s/v"]["validation"]["AA"]["verdict"] == "better"
+    assert out["s/v@paper"]["test"]["AA"]["per_seed"] == [-1.0]
+
+
 def test_an_inference_variant_answers_with_the_same_training_and_gets_its_own_row(data, tmp_path):
     results = in_process.Results(tmp_path / "r.json", BUDGET, 10)
     params = {"shared_anchor": "none", "shared_inference": "snapshot", "choice_memory": 4}

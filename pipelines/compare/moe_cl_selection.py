@@ -28,6 +28,7 @@ VARIANTS: dict[str, tuple[str, dict, dict | None]] = {
 }
 REFERENCES = ("seq_lora", "free+mem16@paper")
 NOT_CANDIDATES = ("seq_lora", "label_rule")  # a reference, and the rule that reads label names
+NO_GAME = "-noadv"  # benchmarks.moe_cl_adversarial: a variant's twin trained with adv_weight 0
 CHOICE_RUNS = [(sequence, seed) for sequence in ("order1", "multiemo") for seed in (0, 1)]
 
 
@@ -83,3 +84,19 @@ def choice(rows: list[dict]) -> dict:
     method, params, inference = VARIANTS[trained_as]
     chosen_params = {**params, **(inference or {}).get(best.partition("@")[2], {})}
     return {"chosen": best, "method": method, "params": chosen_params, **out}
+
+
+def game_pairs(rows: list[dict]) -> dict:
+    """Each row against its no-GAN twin (label + NO_GAME, same answer form), per sequence: the
+    paired differences in AA and BwT on both splits, seed by seed."""
+    by = {}
+    for row in rows:
+        by.setdefault((row["sequence"], row["label"]), []).append(row)
+    out = {}
+    for (sequence, label), game in sorted(by.items()):
+        trained, at, form = label.partition("@")
+        twin = by.get((sequence, f"{trained}{NO_GAME}{at}{form}"))
+        if not trained.endswith(NO_GAME) and twin:
+            out[f"{sequence}/{label}"] = {split: {m: in_process.paired(game, twin, m, split) for m in ("AA", "BwT")}
+                                          for split in ("validation", "test")}
+    return out
