@@ -213,13 +213,20 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def load_bank(directory: Path, base_model: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Verify and read a bank: manifest, sha256, shapes, and (if given) the base model identity."""
+def load_bank(directory: Path, base_model: dict | None = None,
+              also_source: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Verify and read a bank: manifest, sha256, shapes, and (if given) the base model identity;
+    `also_source` is a second base-model source accepted (how older banks recorded the same model),
+    and a `source` of None in `base_model` (the model's content cannot be read here) is not checked."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if base_model is not None:
         for key in sorted(set(base_model) | set(manifest["base_model"])):
-            if base_model.get(key) != manifest["base_model"].get(key):
+            theirs = manifest["base_model"].get(key)
+            ours = base_model.get(key)
+            if key == "source" and (ours is None or (theirs is not None and theirs == also_source)):
+                continue
+            if ours != theirs:
                 raise BankError(f"{directory}: bank was made for another base model: field '{key}' is "
                                 f"{manifest['base_model'].get(key)!r} in the bank, {base_model.get(key)!r} here")
     path = directory / TENSORS_FILE

@@ -33,8 +33,13 @@ class ContinualModel(nn.Module):
     Only the bank, extras and method state are ever saved: see `save`/`load`.
     """
 
-    def __init__(self, lm: nn.Module, bank_config: BankConfig, source: str = "unknown"):
+    def __init__(self, lm: nn.Module, bank_config: BankConfig, source: str | None = "unknown",
+                 also_source: str | None = None):
+        """`source` names the base model in the banks this model saves (None: unknown here, not
+        checked when a bank loads); a bank that names it `also_source` instead (an older spelling of
+        the same model) loads too."""
         super().__init__()
+        self.also_source = also_source
         for p in lm.parameters():
             p.requires_grad_(False)
         self.lm = lm
@@ -112,7 +117,7 @@ class ContinualModel(nn.Module):
 
     def load(self, directory: Path) -> dict:
         """Verify a saved bank against this base model, rebuild its structure, load its tensors."""
-        manifest, tensors = load_bank(directory, self.identity)
+        manifest, tensors = load_bank(directory, self.identity, self.also_source)
         structure = manifest["structure"]
         if structure["bank"]["config"] != self.bank.structure()["config"]:
             raise BankError(f"{directory}: bank config {structure['bank']['config']} differs from "

@@ -14,7 +14,7 @@ from cl_core.bank import BankConfig
 from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import build_objective
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, bank_source
 from pipelines.data.tasks import task_format
 
 
@@ -60,13 +60,15 @@ def build_stage(cfg: RunConfig, base: ModelSpec, parent_bank: Path | None = None
                 setup_task: int | None = None) -> Stage:
     """Base model + the bank as of `parent_bank`, then (optionally) set up for training `setup_task`.
 
-    The bank's identity is the configured model (e.g. the GGUF file), not the cached copy it loads from.
+    The bank's identity is the configured model's content (e.g. the GGUF file's digest), not the cached
+    copy it loads from nor where the model lies; banks that recorded the configured path load too.
     """
     lm, tokenizer = load_base_model(base)
     formats = [task_format(t, cfg.training.max_length) for t in cfg.tasks]
     method = cfg.method.build(task_labels=[f.verbalizers for f in formats])
     torch.manual_seed(cfg.training.seed)  # identical initial experts on every rank and every rerun
-    model = ContinualModel(lm, bank_config(cfg, method.router), source=cfg.model.source)
+    model = ContinualModel(lm, bank_config(cfg, method.router), source=bank_source(cfg.model),
+                           also_source=cfg.model.source)
     objective = build_objective(cfg.objective, tokenizer, formats)
     if parent_bank is not None:
         model.load(parent_bank)

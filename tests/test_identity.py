@@ -121,3 +121,57 @@ def test_a_moved_run_materializes_its_gguf_base_again_beside_it(tmp_path):
     assert Path(found.path).parent == tmp_path / "storage" / "cache" / "models"
     assert json.loads((Path(found.path) / "config.json").read_text())["hidden_size"] == 576  # SmolLM2-135M
     assert (found.kind, found.dtype, found.attention) == ("hf", "float32", "eager")
+
+
+def test_a_bank_loads_wherever_the_same_base_model_lies_and_refuses_another(tmp_path):
+    """Banks name a local base model by its content: moved (another machine, another venv), the same
+    weights load the bank; other weights are refused; a bank that recorded the path still loads there."""
+    import torch
+
+    from cl_core.bank import BankError, read_manifest
+    from cl_core.base_model import load_base_model
+    from pipelines.assembly import build_stage
+    from pipelines.config import bank_source, parse_config
+    from tests.conftest import TINY, tiny_run
+
+    lm, tok = load_base_model(TINY)
+    deeper_dir = tmp_path / "deeper"
+    deeper, deeper_tok = load_base_model(TINY.model_copy(update={"num_layers": 3}))
+    deeper.save_pretrained(deeper_dir)
+    deeper_tok.save_pretrained(deeper_dir)
+    here, moved, other = tmp_path / "here", tmp_path / "elsewhere" / "model", tmp_path / "other"
+    for path in (here, moved):
+        lm.save_pretrained(path)
+        tok.save_pretrained(path)
+    with torch.no_grad():
+        next(lm.parameters()).add_(1.0)
+    lm.save_pretrained(other)
+    tok.save_pretrained(other)
+
+    def stage(model_dir, parent=None, load_from=None):
+        run = tiny_run("b", tasks=1, model={"kind": "hf", "path": str(model_dir)})
+        cfg = parse_config(run) if load_from is None else RunConfig.model_validate(run)  # as a moved run reads it
+        base = cfg.model if load_from is None else cfg.model.model_copy(update={"path": str(load_from)})
+        return cfg, build_stage(cfg, base, parent, setup_task=None if parent else 0)
+
+    cfg, made = stage(here)
+    made.model.save(tmp_path / "bank")
+    source = read_manifest(tmp_path / "bank")["base_model"]["source"]
+    assert source == bank_source(cfg.model) and source.startswith("hf:sha256:") and str(here) not in source
+    assert stage(moved, tmp_path / "bank")[1].model.tasks == made.model.tasks  # same weights elsewhere
+    with pytest.raises(BankError, match="another base model: field 'source'"):
+        stage(other, tmp_path / "bank")
+    # The configured model gone (a moved run answering from a copy): its content is unknown here.
+    assert bank_source(RunConfig.model_validate(tiny_run("b", model={"kind": "hf", "path": str(tmp_path / "gone")})).model) is None
+    assert stage(tmp_path / "gone", tmp_path / "bank", load_from=moved)[1].model.tasks == made.model.tasks
+    with pytest.raises(BankError, match="field 'config_sha256'"):  # the rest is still checked
+        stage(tmp_path / "gone", tmp_path / "bank", load_from=deeper_dir)
+
+    # A bank written before content sources named the configured path: it loads where that path is.
+    manifest_path = tmp_path / "bank" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["base_model"]["source"] = cfg.model.source
+    manifest_path.write_text(json.dumps(manifest))
+    assert stage(here, tmp_path / "bank")[1].model.tasks == made.model.tasks
+    with pytest.raises(BankError, match="field 'source'"):
+        stage(moved, tmp_path / "bank")
