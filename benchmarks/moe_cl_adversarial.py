@@ -4,14 +4,16 @@
                                             [--lock /tmp/clpipe-heavy.lock]
     python -m benchmarks.moe_cl_adversarial --summarise     # runs nothing: the pairs so far
 
-Trains a retention variant of `benchmarks.moe_cl_shared` (default: the one its rule chose, read
-from `benchmarks/results/moe_cl_selection_summary.json`) twice per sequence and seed, in process,
-with the selection's budget: as it is (`adv_weight` 0.1) and without the game (`adv_weight` 0, the
-no-GAN ablation, everything else equal), into `benchmarks/results/moe_cl_adversarial.json`. A
-variant that answers through snapshots also gets its paper-form rows, as in the selection. The
-summary (`moe_cl_adversarial_summary.json`) pairs each row with its no-GAN twin seed by seed (same
-seed, same examples): the mean difference in AA and BwT on validation and test, its 95%
-t-interval over the seeds, and the verdict. Nothing is chosen from it.
+Trains MoE-CL as the selection chose it (label `moe_cl_default`: its parameters and answer form,
+read from `benchmarks/results/moe_cl_selection_summary.json`, which the frozen default spells
+out), or a retention variant of `benchmarks.moe_cl_shared` named by `--variant`, twice per
+sequence and seed, in process, with the selection's budget: as it is (`adv_weight` 0.1) and
+without the game (`adv_weight` 0, the no-GAN ablation, everything else equal), into
+`benchmarks/results/moe_cl_adversarial.json`. A named variant that answers through snapshots
+also gets its paper-form rows, as in the selection. The summary
+(`moe_cl_adversarial_summary.json`) pairs each row with its no-GAN twin seed by seed (same seed,
+same examples): the mean difference in AA and BwT on validation and test, its 95% t-interval
+over the seeds, and the verdict. Nothing is chosen from it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ from pipelines.compare.sequences import Budget
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_cl_adversarial.json"
 SUMMARY = RESULTS.with_name("moe_cl_adversarial_summary.json")
 SELECTION_SUMMARY = RESULTS.with_name("moe_cl_selection_summary.json")
+DEFAULT_LABEL = "moe_cl_default"
 
 
-def chosen_variant() -> str:
-    """The training the selection chose (its paper form trains the same way)."""
-    chosen = json.loads(SELECTION_SUMMARY.read_text())["choice"]["chosen"] if SELECTION_SUMMARY.exists() else None
-    if chosen is None:
+def chosen_params() -> dict:
+    """The parameters the selection's choice trains and answers with (what the frozen default spells out)."""
+    choice = json.loads(SELECTION_SUMMARY.read_text())["choice"] if SELECTION_SUMMARY.exists() else {"chosen": None}
+    if choice["chosen"] is None:
         raise SystemExit("--variant: the MoE-CL selection has chosen nothing yet "
                          f"({SELECTION_SUMMARY.name}); name a variant: {sorted(VARIANTS)}")
-    return chosen.partition("@")[0]
+    return choice["params"]
 
 
 def main(argv=None) -> None:
@@ -50,10 +53,12 @@ def main(argv=None) -> None:
     budget = Budget(test_examples=100)
     results = in_process.Results(RESULTS, budget, validation_examples=100)
     if not args.summarise:
-        variant = args.variant or chosen_variant()
-        if variant not in VARIANTS or VARIANTS[variant][0] != "moe_cl":
-            raise SystemExit(f"--variant: {variant!r} is not a MoE-CL variant of {sorted(VARIANTS)}")
-        _, params, inference = VARIANTS[variant]
+        if args.variant is None:  # the choice as the default runs it (its answer form only), whatever its name
+            variant, params, inference = DEFAULT_LABEL, chosen_params(), None
+        elif args.variant in VARIANTS and VARIANTS[args.variant][0] == "moe_cl":
+            variant, (_, params, inference) = args.variant, VARIANTS[args.variant]
+        else:
+            raise SystemExit(f"--variant: {args.variant!r} is not a MoE-CL variant of {sorted(VARIANTS)}")
         if params.get("adv_weight", 0) <= 0:
             raise SystemExit(f"--variant: {variant} trains without the game: nothing to compare")
         seeds = [int(s) for s in args.seeds.split(",")]

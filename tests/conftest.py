@@ -50,7 +50,9 @@ def tiny_run(name: str = "t", tasks: int = 2, **sections) -> dict:
         "model": {"kind": "tiny", "hidden_size": 64, "num_layers": 2, "vocab_size": 256},
         "tasks": [{"name": f"task{t}", "data": {"synthetic": {"n_train": 48, "n_test": 24}},
                    "labels": [f"w{2 * t + 1}", f"w{2 * t + 2}"]} for t in range(tasks)],
-        "method": {"name": "moe_cl", "params": {"adv_weight": 0.1}},
+        # The Fisher anchor, not the default: the runs then also cover the statistics it stores in the
+        # bank and reads outside a layer's forward (ZeRO-3 gathers them), and resume restores them.
+        "method": {"name": "moe_cl", "params": {"adv_weight": 0.1, "shared_anchor": "fisher"}},
         "bank": {"dropout": 0.05},
         # float32 unless a test asks otherwise: "auto" would depend on the host's bf16 support.
         "training": {"epochs": 2, "lr": 0.01, "batch_size": 8, "max_length": 32, "checkpoint_every": 2,

@@ -56,16 +56,19 @@ def _train_two(later: str = "other", **params):
 
 def test_the_default_reads_no_label_names_and_the_label_rule_is_an_option():
     labels = [("a", "b"), ("c", "d"), ("b", "a")]
-    default = build_method("moe_cl", task_labels=labels)
-    assert (default.params.shared_anchor, default.params.shared_anchor_on) == ("fisher", "loss_rise")
-    assert [default.anchors(t) for t in range(3)] == [False, True, True]
-    rule = build_method("moe_cl", task_labels=labels, shared_anchor_on="new_labels")
+    default = build_method("moe_cl", task_labels=labels)  # chosen on validation (docs/methods.md): no anchor
+    assert (default.params.shared_anchor, default.params.shared_inference) == ("none", "current")
+    assert [default.anchors(t) for t in range(3)] == [False, False, False]
+    loss_rise = build_method("moe_cl", task_labels=labels, shared_anchor="fisher")
+    assert loss_rise.params.shared_anchor_on == "loss_rise" and [loss_rise.anchors(t) for t in range(3)] == [False, True, True]
+    rule = build_method("moe_cl", task_labels=labels, shared_anchor="fisher", shared_anchor_on="new_labels")
     assert [rule.anchors(t) for t in range(3)] == [False, True, False]
     assert not build_method("moe_cl", shared_anchor="none").anchors(1)
 
 
 def test_a_runs_stage_gives_moe_cl_each_tasks_label_set_for_the_label_rule():
-    cfg = tiny_run("labels", tasks=3, method={"name": "moe_cl", "params": {"shared_anchor_on": "new_labels"}})
+    cfg = tiny_run("labels", tasks=3, method={"name": "moe_cl", "params": {"shared_anchor": "fisher",
+                                                                           "shared_anchor_on": "new_labels"}})
     cfg["tasks"][2]["labels"] = ["w2", "w1"]  # task 0's label set again
     stage = build_stage(parse_config(cfg), TINY)
     assert stage.method.task_labels == [{"w1", "w2"}, {"w3", "w4"}, {"w1", "w2"}]
@@ -82,7 +85,7 @@ def test_anchors_hold_the_earlier_task_that_a_free_shared_expert_lets_rise():
 
 def test_the_estimate_follows_the_earlier_tasks_loss_in_sign():
     for later, rises in (("other", True), ("same", False)):
-        model, _, _, _, change = _train_two(later, shared_anchor_weight=0.0)  # free, statistics kept
+        model, _, _, _, change = _train_two(later, shared_anchor="fisher", shared_anchor_weight=0.0)  # free, statistics kept
         with torch.no_grad():
             estimate = float(estimated_loss_change(model, PREFIX, 0, _shared(model)))
         # measured: other: loss +0.28, estimate +1.11; same: loss −0.54, estimate −0.65

@@ -71,7 +71,7 @@ def test_good_search_file_and_trial_configs():
     params = {"method.params.experts_per_task": 2, "method.params.adv_weight": 0.0, "training.lr": 0.01}
     cfg = trial_config(ctx, params)
     assert cfg.name == f"base-trial-{params_hash(params)}" and cfg.run_id.startswith(cfg.name + "-")
-    assert cfg.method.params == {"adv_weight": 0.0, "experts_per_task": 2}
+    assert cfg.method.params == {"adv_weight": 0.0, "experts_per_task": 2, "shared_anchor": "fisher"}  # the base's, and the trial's
     assert (cfg.ray.num_workers, cfg.ray.cpus_per_worker) == (1, 0.25)
     assert trial_config(ctx, dict(reversed(params.items()))).run_id == cfg.run_id  # order does not matter
     assert trial_config(ctx, {**params, "method.params.adv_weight": 0.1}).run_id != cfg.run_id

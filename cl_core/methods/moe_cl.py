@@ -3,7 +3,9 @@ discriminator trained adversarially against the shared expert (Kang et al., 2025
 
 Task t's forward uses the frozen base, its own expert and gate (frozen once t is learned) and the
 shared expert, which every task trains. So the shared expert alone can make an old task forget.
-What keeps earlier tasks (`docs/methods.md`, MoE-CL, says which default was chosen and how):
+The default, chosen on validation (`docs/methods.md`, MoE-CL, says how), is the paper's: no
+anchor (`shared_anchor` "none"), every task through the current shared expert. The controls that
+keep earlier tasks, each an option:
 - `shared_anchor` "fisher" with `shared_anchor_on` "loss_rise": after each task t the bank keeps
   that task's own local model of its loss in the shared expert θ: its value θ*_t there, its mean
   gradient g_t and per-sample Fisher F_t (`cl_core.anchoring.store_task_statistics`). While a
@@ -91,7 +93,7 @@ class MoECLParams(MethodParams):
     shared_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the shared experts (the others "
                                        "have none)")
     shared_anchor: Literal["none", "l2", "fisher"] = Field(
-        "fisher", description="pull of the shared expert towards its earlier values: none, unweighted (l2) or "
+        "none", description="pull of the shared expert towards its earlier values: none, unweighted (l2) or "
         "Fisher-weighted")
     shared_anchor_weight: float = Field(10.0, ge=0, description="weight of that pull")
     # "new_labels" is the label rule (it compares label names); "loss_rise" needs "fisher"
