@@ -228,7 +228,7 @@ def load_bank(directory: Path, base_model: dict | None = None,
                 continue
             if ours != theirs:
                 raise BankError(f"{directory}: bank was made for another base model: field '{key}' is "
-                                f"{manifest['base_model'].get(key)!r} in the bank, {base_model.get(key)!r} here")
+                                f"{theirs!r} in the bank, {ours!r} here")
     path = directory / TENSORS_FILE
     if not path.exists():
         raise BankError(f"{path}: missing")

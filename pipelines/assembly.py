@@ -14,7 +14,7 @@ from cl_core.bank import BankConfig
 from cl_core.base_model import ModelSpec, load_base_model
 from cl_core.continual_model import ContinualModel
 from cl_core.objectives import build_objective
-from pipelines.config import RunConfig, bank_source
+from pipelines.config import RunConfig, model_content
 from pipelines.data.tasks import task_format
 
 
@@ -49,6 +49,19 @@ def materialize_base_model(cfg: RunConfig, cache_root: Path) -> ModelSpec:
     (tmp / "clpipe_source.json").write_text(json.dumps({"source": spec.source}))
     publish_dir(tmp, out)  # False: another process materialized the same model meanwhile; same content
     return ModelSpec(kind="hf", path=str(out), dtype=spec.dtype)
+
+
+def bank_source(spec: ModelSpec) -> str | None:
+    """The base model as its banks record it: a local model or GGUF file (SmolLM2's included) by its
+    content, never by where it lies, so that a bank loads wherever the same model is; a tiny model
+    by its spec, a hub id as written. (Banks written before this named the path: `spec.source`.)
+    None where a local model is not here to read (a moved run answering from its materialized copy):
+    the bank's other base-model fields are still checked."""
+    resolved = spec.resolved()
+    if resolved.kind in ("hf", "gguf") and Path(resolved.path).is_absolute() and not Path(resolved.path).exists():
+        return None
+    content = model_content(resolved)
+    return f"{spec.kind}:sha256:{content['sha256']}" if isinstance(content, dict) else resolved.source
 
 
 def bank_config(cfg: RunConfig, router: str) -> BankConfig:

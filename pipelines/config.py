@@ -358,19 +358,6 @@ def model_content(spec: ModelSpec) -> str | dict | None:
     return {"sha256": tree_digest(Path(spec.path))}
 
 
-def bank_source(spec: ModelSpec) -> str | None:
-    """The base model as its banks record it: a local model or GGUF file (SmolLM2's included) by its
-    content, never by where it lies, so that a bank loads wherever the same model is; a tiny model
-    by its spec, a hub id as written. (Banks written before this named the path: `spec.source`.)
-    None where a local model is not here to read (a moved run answering from its materialized copy):
-    the bank's other base-model fields are still checked."""
-    resolved = spec.resolved()
-    if resolved.kind in ("hf", "gguf") and Path(resolved.path).is_absolute() and not Path(resolved.path).exists():
-        return None
-    content = model_content(resolved)
-    return f"{spec.kind}:sha256:{content['sha256']}" if isinstance(content, dict) else resolved.source
-
-
 def _format_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():

@@ -130,8 +130,8 @@ def test_a_bank_loads_wherever_the_same_base_model_lies_and_refuses_another(tmp_
 
     from cl_core.bank import BankError, read_manifest
     from cl_core.base_model import load_base_model
-    from pipelines.assembly import build_stage
-    from pipelines.config import bank_source, parse_config
+    from pipelines.assembly import bank_source, build_stage
+    from pipelines.config import parse_config
     from tests.conftest import TINY, tiny_run
 
     lm, tok = load_base_model(TINY)
