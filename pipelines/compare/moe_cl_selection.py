@@ -32,22 +32,32 @@ NO_GAME = "-noadv"  # benchmarks.moe_cl_adversarial: a variant's twin trained wi
 CHOICE_RUNS = [(sequence, seed) for sequence in ("order1", "multiemo") for seed in (0, 1)]
 
 
-def summary(rows: list[dict]) -> dict:
-    """Per sequence and variant: each seed's AA and BwT on validation and test, and the paired
-    differences against each reference."""
+def by_sequence(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Rows by sequence, then by label."""
     by = {}
     for row in rows:
         by.setdefault(row["sequence"], {}).setdefault(row["label"], []).append(row)
+    return by
+
+
+def paired_splits(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """a − b of AA and BwT on validation and test, seed by seed (`in_process.paired`)."""
+    return {split: {m: in_process.paired(rows_a, rows_b, m, split) for m in ("AA", "BwT")}
+            for split in ("validation", "test")}
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per sequence and variant: each seed's AA and BwT on validation and test, and the paired
+    differences against each reference."""
     out = {}
-    for sequence, labels in by.items():
+    for sequence, labels in by_sequence(rows).items():
         for label, runs in labels.items():
             entry = {split: {m: [round(r[split]["oracle"][m], 2) for r in sorted(runs, key=lambda r: r["seed"])]
                              for m in ("AA", "BwT")} for split in ("validation", "test")}
             entry["seeds"] = sorted(r["seed"] for r in runs)
             for ref in REFERENCES:
                 if ref != label and ref in labels:
-                    entry[f"vs_{ref}"] = {split: {m: in_process.paired(runs, labels[ref], m, split) for m in ("AA", "BwT")}
-                                          for split in ("validation", "test")}
+                    entry[f"vs_{ref}"] = paired_splits(runs, labels[ref])
             out[f"{sequence}/{label}"] = entry
     return out
 
@@ -89,14 +99,11 @@ def choice(rows: list[dict]) -> dict:
 def game_pairs(rows: list[dict]) -> dict:
     """Each row against its no-GAN twin (label + NO_GAME, same answer form), per sequence: the
     paired differences in AA and BwT on both splits, seed by seed."""
-    by = {}
-    for row in rows:
-        by.setdefault((row["sequence"], row["label"]), []).append(row)
     out = {}
-    for (sequence, label), game in sorted(by.items()):
-        trained, at, form = label.partition("@")
-        twin = by.get((sequence, f"{trained}{NO_GAME}{at}{form}"))
-        if not trained.endswith(NO_GAME) and twin:
-            out[f"{sequence}/{label}"] = {split: {m: in_process.paired(game, twin, m, split) for m in ("AA", "BwT")}
-                                          for split in ("validation", "test")}
+    for sequence, labels in sorted(by_sequence(rows).items()):
+        for label, game in sorted(labels.items()):
+            trained, at, form = label.partition("@")
+            twin = labels.get(f"{trained}{NO_GAME}{at}{form}")
+            if not trained.endswith(NO_GAME) and twin:
+                out[f"{sequence}/{label}"] = paired_splits(game, twin)
     return out
