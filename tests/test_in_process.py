@@ -161,6 +161,10 @@ def test_the_game_pairs_each_row_with_its_no_gan_twin_seed_by_seed():
     assert out["s/v"]["validation"]["AA"]["per_seed"] == [2.0, 3.0, 4.0, 5.0]
     assert out["s/v"]["validation"]["AA"]["verdict"] == "better"
     assert out["s/v@paper"]["test"]["AA"]["per_seed"] == [-1.0]
+    from pipelines.compare.docs import other_result
+    page = "\n".join(other_result(out))  # docs/benchmarks.md's table of the pairs
+    assert "| s/v | validation | AA | +2.00, +3.00, +4.00, +5.00 | +3.50 | [+1.45, +5.55] | better |" in page
+    assert "| s/v@paper | test | AA | -1.00 | -1.00 | — |" in page  # one seed: no interval
 
 
 def test_an_inference_variant_answers_with_the_same_training_and_gets_its_own_row(data, tmp_path):

@@ -120,7 +120,31 @@ def selection_choice(data: dict) -> list[str]:
             + table(means, ["candidate", "mean validation AA"]))
 
 
+def is_paired(data) -> bool:
+    """`{"sequence/label": {split: {measure: difference}}}`, as `moe_cl_selection.game_pairs` writes it."""
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and {"validation", "test"} <= set(v) for v in data.values())
+
+
+def paired_differences(data: dict) -> list[str]:
+    """Paired differences seed by seed: each seed's value, the mean, its 95% t-interval, the verdict."""
+    lines = ["Each row: the label minus its paired twin, seed by seed, then the mean, its 95% t-interval over the "
+             "seeds and the verdict (validation and test alike; nothing is chosen from them).", "",
+             "| pair | split | measure | per seed | mean | 95% t-interval | verdict |", "|---|---|---|---|---|---|---|"]
+    for pair, splits in data.items():
+        for split in ("validation", "test"):
+            for measure, d in splits[split].items():
+                seeds = ", ".join(f"{v:+.2f}" for v in d["per_seed"])
+                low, high = d["ci95"] or (None, None)
+                interval = "—" if low is None else f"[{low:+.2f}, {high:+.2f}]"
+                lines.append(f"| {pair} | {split} | {measure} | {seeds} | {d['difference']:+.2f} | {interval} | "
+                             f"{d['verdict']} |")
+    return lines
+
+
 def other_result(data) -> list[str]:
+    if is_paired(data):
+        return paired_differences(data)
     if isinstance(data, dict) and "choice" in data:
         return selection_choice(data)
     if isinstance(data, dict) and isinstance(data.get("runs"), list) and data["runs"] and "validation" in data["runs"][0]:
